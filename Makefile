@@ -1,0 +1,29 @@
+# mirrorha — run as root on Debian 12.
+VENV := .venv
+PY := $(VENV)/bin/python
+MIRRORHA := $(VENV)/bin/mirrorha
+
+.PHONY: setup demo demo-down test check bench lint
+
+setup:
+	@./scripts/bootstrap.sh
+
+demo: setup
+	$(MIRRORHA) lab up
+
+demo-down: setup
+	$(MIRRORHA) lab down
+
+# The whole suite: unit, integration and slow end-to-end tests.
+test: setup lint
+	$(PY) -m pytest -q
+
+# Quick subset for the development loop: everything but the slow end-to-end tests.
+check: setup lint
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) -m bench.failover
+
+lint: setup
+	$(VENV)/bin/ruff check appliance tests bench
