@@ -1,0 +1,458 @@
+"""The node daemon: wires the adapters to the state machine.
+
+One engine thread owns the state: it takes events from a queue (heartbeats, operator commands,
+resync results), asks `cluster.step` what to do, persists the node's memory, runs the actions
+and only then advertises the new state. Heartbeats run in their own thread (never starved by a
+long stop_prim), the control socket in another; process monitoring and the interface check are
+polled by the engine between events, so they never race an application restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass, replace
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from appliance import cluster
+from appliance import heartbeat as hb
+from appliance.cluster import Action, Command, CommandEvent, Decision, NodeView, State
+from appliance.config import NodeConfig, ServiceConfig, identify_local_node, load_node_config
+from appliance.errd import ProcessWatch
+from appliance.errors import ConfigError, MirrorhaError
+from appliance.keys import load_cluster_key
+from appliance.modlog import ModuleLog
+from appliance.paths import Paths
+from appliance.scripts import ScriptRunner, write_safekit_shim
+from appliance.vip import VipError, VirtualIp
+
+log = logging.getLogger("mirrorha.daemon")
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop the module (if started) and leave the engine loop."""
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    command: Command
+    origin: str
+
+
+def policy_from(service: ServiceConfig, node: str, peer: str) -> cluster.Policy:
+    return cluster.Policy(
+        node=node,
+        peer=peer,
+        defaultprim=service.defaultprim,
+        failover=service.failover,
+        autoswap=service.autoswap,
+        maxloop=service.maxloop,
+        loop_interval_s=service.loop_interval_h * 3600.0,
+        witness=service.splitbrain is not None,
+    )
+
+
+def local_ipv4_addresses() -> list[IPv4Address]:
+    addrs = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family.name == "AF_INET":
+                addrs.append(IPv4Address(entry.address))
+    return addrs
+
+
+def resolve_node_name(config: NodeConfig) -> str:
+    name = os.environ.get("MIRRORHA_NODE")
+    if name:
+        config.cluster.node(name)  # ConfigError if unknown
+        return name
+    return identify_local_node(config.cluster, local_ipv4_addresses())
+
+
+class MemoryStore:
+    """The node's memory in state.json, replaced atomically and fsynced: a generation bump must
+    be on disk before the application writes anything under it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> cluster.Memory:
+        try:
+            data = json.loads(self.path.read_text())
+            return cluster.Memory.from_json(data)
+        except FileNotFoundError:
+            return cluster.Memory()
+        except (ValueError, KeyError, TypeError) as e:
+            raise MirrorhaError(
+                f"{self.path}: unreadable node state ({e}); refusing to guess which data is "
+                "newest — restore it or remove it deliberately") from e
+
+    def save(self, memory: cluster.Memory) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(memory.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class Daemon:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self.config = load_node_config(paths.cluster_xml, paths.userconfig)
+        self.key = load_cluster_key(paths.cluster_key)
+        self.node = resolve_node_name(self.config)
+        self.peer = self.config.cluster.peer_of(self.node).name
+        self.modlog = ModuleLog(paths.module_log, self.node)
+        self.store = MemoryStore(paths.state_file)
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.view: NodeView = cluster.initial_view(
+            policy_from(self.config.service, self.node, self.peer), self.store.load())
+        self.busy: str | None = None  # what the engine is doing right now (for `state`)
+        self.counters: dict[str, int] = {"bad_payload": 0}
+        self.started_at = time.time()
+        self._lock = threading.Lock()
+        self._build_adapters(self.config)
+        self.link = self._make_link()
+        self.witness = self._make_witness()
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def _build_adapters(self, config: NodeConfig) -> None:
+        service = config.service
+        self.vips = [
+            VirtualIp(va.addr, iface.name, iface.arpreroute, self.modlog.info)
+            for iface in service.vips for va in iface.addrs
+        ]
+        self.checked_vips = [
+            v for v, iface in zip(self.vips, self._vip_ifaces(service), strict=True) if iface.check
+        ]
+        shim_dir = self.paths.module_dir / "run"
+        write_safekit_shim(shim_dir, sys.argv[0] if sys.argv[0].endswith("mirrorha")
+                           else "mirrorha")
+        env = {
+            "MIRRORHA_HOME": str(self.paths.home),
+            "MIRRORHA_MODULE": self.paths.module,
+            "MIRRORHA_NODE": self.node,
+            "SAFE": str(shim_dir),
+        }
+        self.scripts = ScriptRunner(
+            self.paths.bin_dir, self.paths.app_log, env, service.user.nicestoptimeout_s,
+            service.user.forcestoptimeout_s, self.modlog)
+        self.watch = ProcessWatch(service.errd.procs) if service.errd else None
+        self.poll_interval = service.errd.polltimer_s if service.errd else 1.0
+
+    @staticmethod
+    def _vip_ifaces(service: ServiceConfig) -> list[Any]:
+        return [iface for iface in service.vips for _ in iface.addrs]
+
+    def _make_link(self) -> hb.HeartbeatLink:
+        heart = self.config.service.heart
+        me = self.config.cluster.node(self.node)
+        peer = self.config.cluster.node(self.peer)
+        networks = [
+            hb.HeartbeatNetwork(net.name, me.addr(net.name), peer.addr(net.name), heart.port)
+            for net in heart.networks
+        ]
+        return hb.HeartbeatLink(
+            node=self.node, peer=self.peer, key=self.key, networks=networks,
+            pulse_ms=heart.pulse_ms, timeout_ms=heart.timeout_ms,
+            payload=lambda: self.view.advertised().to_payload(),
+            on_event=self.events.put)
+
+    def _make_witness(self) -> hb.Witness | None:
+        sb = self.config.service.splitbrain
+        if sb is None:
+            return None
+        return hb.Witness(sb.witness, interval_ms=self.config.service.heart.pulse_ms)
+
+    def witness_ok(self) -> bool | None:
+        if self.witness is None:
+            return None
+        pulse_s = self.config.service.heart.pulse_ms / 1000
+        return self.witness.reachable(max(3 * pulse_s, 0.3))
+
+    # -- public ----------------------------------------------------------------------------
+
+    def submit(self, command: Command, origin: str) -> str | None:
+        """Queue an operator command; returns why it is refused in the current state, if so."""
+        if command is Command.START and self.view.state is State.STOP:
+            problem = self._reload_config_problem()
+            if problem:
+                return problem
+        refused = cluster.step(self.view, CommandEvent(command, origin)).refused
+        if refused:
+            return refused
+        self.events.put(ControlCommand(command, origin))
+        return None
+
+    def status(self) -> dict[str, Any]:
+        view = self.view
+        snap = self.link.snapshot()
+        return {
+            "node": self.node,
+            "peer": self.peer,
+            "module": self.paths.module,
+            "state": view.state.value,
+            "in_sync": view.in_sync,
+            "split_brain": view.split_brain,
+            "generation": str(view.memory.gen),
+            "synced_generation": str(view.memory.synced),
+            "peer_state": view.peer.state.value if view.peer else None,
+            "peer_present": view.peer is not None,
+            "busy": self.busy,
+            "vip": [{"addr": str(v.addr), "held": _safe(v.held)} for v in self.vips],
+            "witness_ok": self.witness_ok(),
+            "heartbeat": _jsonable(snap),
+            "counters": dict(self.counters),
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    def run(self, start: bool) -> int:
+        self.modlog.info(f"daemon started (pid {os.getpid()}, generation {self.view.memory.gen})",
+                         state=self.view.state.value)
+        self._release_leftovers()
+        self.link.start()
+        if self.witness:
+            self.witness.start()
+        if start:
+            self.events.put(ControlCommand(Command.START, "boot"))
+        try:
+            self._engine()
+        finally:
+            self.link.stop()
+            if self.witness:
+                self.witness.stop()
+            self.modlog.info("daemon exited", state=self.view.state.value)
+        return 0
+
+    def request_shutdown(self) -> None:
+        self.events.put(Shutdown())
+
+    # -- engine ----------------------------------------------------------------------------
+
+    def _engine(self) -> None:
+        next_poll = time.monotonic()
+        while True:
+            timeout = max(0.0, next_poll - time.monotonic())
+            try:
+                item = self.events.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if isinstance(item, Shutdown):
+                if self.view.state is not State.STOP:
+                    self._apply(cluster.step(self.view, CommandEvent(Command.STOP,
+                                                                     "daemon shutdown")))
+                return
+            if item is not None:
+                self._handle(item)
+            if time.monotonic() >= next_poll:
+                self._poll()
+                next_poll = time.monotonic() + self.poll_interval
+
+    def _handle(self, item: Any) -> None:
+        event = self._translate(item)
+        if event is None:
+            return
+        decision = cluster.step(self.view, event)
+        if decision.refused:
+            self.modlog.warning(f"command {event.command} refused: {decision.refused}",  # type: ignore[union-attr]
+                                state=self.view.state.value)
+            return
+        self._apply(decision)
+
+    def _translate(self, item: Any) -> cluster.Event | None:
+        match item:
+            case ControlCommand(command=command, origin=origin):
+                return CommandEvent(command, origin)
+            case hb.PeerHeard(payload=payload):
+                try:
+                    peer = cluster.PeerView.from_payload(payload)
+                except ValueError as e:
+                    self.counters["bad_payload"] += 1
+                    self.modlog.error(f"ignored a heartbeat from {self.peer}: {e}")
+                    return None
+                self._log_peer_change(peer)
+                return cluster.PeerHeard(peer)
+            case hb.PeerSilent(detail=detail):
+                return cluster.PeerLost(detail, self.witness_ok())
+            case hb.NetworkLost(network=net, silent_ms=ms, still_up=up, total=total):
+                self.modlog.warning(
+                    f"heartbeat network {net} silent for {ms} ms; {up}/{total} networks still "
+                    f"carry heartbeats from {self.peer}: no failover", state=self.view.state.value)
+                return None
+            case hb.NetworkRestored(network=net):
+                self.modlog.info(f"heartbeat network {net} carries heartbeats again",
+                                 state=self.view.state.value)
+                return None
+            case cluster.ResyncDone() | cluster.ResyncFailed() | cluster.ProcessCheck():
+                return item
+            case cluster.InterfaceChanged():
+                return item
+        log.error("unknown engine item %r", item)
+        return None
+
+    def _log_peer_change(self, peer: cluster.PeerView) -> None:
+        old = self.view.peer
+        if old is None or old.state != peer.state or old.in_sync != peer.in_sync:
+            sync = " (in sync)" if peer.state is State.SECOND and peer.in_sync else ""
+            self.modlog.info(f"{self.peer} is {peer.state}{sync}, generation {peer.memory.gen}",
+                             state=self.view.state.value)
+
+    def _apply(self, decision: Decision) -> None:
+        old, new = self.view, decision.view
+        if new.memory != old.memory:
+            self.store.save(new.memory)
+        if decision.reason:
+            arrow = f"{old.state} -> {new.state}" if new.state != old.state else f"{new.state}"
+            line = f"{arrow}: {decision.reason}"
+            (self.modlog.error if decision.error else self.modlog.info)(line)
+        # Run the actions before advertising the new state: the peer must not take over until
+        # stop_prim has finished here (planned failover, swap).
+        with self._lock:
+            self.view = _keep_state(old, new)
+        for action in decision.actions:
+            self._run(action)
+        with self._lock:
+            self.view = new
+        self.link.send_now()
+
+    def _run(self, action: Action) -> None:
+        self.busy = action.value
+        try:
+            match action:
+                case Action.ADD_VIP:
+                    for vip in self.vips:
+                        self._vip_call(vip.add, f"adding VIP {vip.addr}")
+                case Action.REMOVE_VIP:
+                    for vip in self.vips:
+                        self._vip_call(vip.remove, f"removing VIP {vip.addr}")
+                case Action.START_APP:
+                    self.scripts.start_app()
+                case Action.STOP_APP:
+                    self.scripts.stop_app()
+                case Action.BEGIN_RESYNC:
+                    # No replicated directories are synchronised by this version: the copy is
+                    # trivially complete.
+                    self.events.put(cluster.ResyncDone("no replicated data to copy"))
+        finally:
+            self.busy = None
+
+    def _vip_call(self, fn: Callable[[], None], what: str) -> None:
+        try:
+            fn()
+        except (VipError, OSError) as e:
+            self.modlog.error(f"{what} failed: {e}", state=self.view.state.value)
+
+    def _poll(self) -> None:
+        self._check_interfaces()
+        if self.watch is None or self.view.state not in cluster.SERVING:
+            return
+        # Only the application's processes are watched, and only where the application runs.
+        for count in self.watch.count():
+            if count.count < count.atleast:
+                self._handle(cluster.ProcessCheck(count.name, count.count, count.atleast,
+                                                  count.action, time.monotonic()))
+                return
+
+    def _check_interfaces(self) -> None:
+        for vip in self.checked_vips:
+            up = _safe(vip.interface_up)
+            if up is None:
+                continue
+            if up != self.view.interface_ok:
+                try:
+                    name = vip.resolve_interface()[0]
+                except VipError:
+                    name = "?"
+                self._handle(cluster.InterfaceChanged(name, up))
+                return
+
+    def _release_leftovers(self) -> None:
+        """A node that starts in STOP must not hold the VIP (left behind by a crash)."""
+        for vip in self.vips:
+            if _safe(vip.held):
+                self.modlog.warning(f"VIP {vip.addr} was still configured at start (left by a "
+                                    "crash?); removing it", state=self.view.state.value)
+                self._vip_call(vip.remove, f"removing VIP {vip.addr}")
+
+    def _reload_config_problem(self) -> str | None:
+        """Starting re-reads the configuration; a broken file refuses the start, changes
+        nothing, and names the file, line and field."""
+        try:
+            config = load_node_config(self.paths.cluster_xml, self.paths.userconfig)
+            node = resolve_node_name(config)
+        except ConfigError as e:
+            return f"configuration invalid, module not started: {e}"
+        if node != self.node or config.cluster != self.config.cluster:
+            return "cluster.xml changed: restart the daemon to apply a new node list"
+        if config.service.heart != self.config.service.heart:
+            return "heartbeat settings changed: restart the daemon to apply them"
+        if config != self.config:
+            self.config = config
+            with self._lock:
+                self.view = replace(self.view, policy=policy_from(config.service, self.node,
+                                                                  self.peer))
+            self._build_adapters(config)
+            self.witness = self.witness or self._make_witness()
+            self.modlog.info("configuration reloaded", state=self.view.state.value)
+        return None
+
+
+def _keep_state(old: NodeView, new: NodeView) -> NodeView:
+    """While actions run, keep advertising the old state but already the new memory."""
+    return replace(old, memory=new.memory)
+
+
+def _safe(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (VipError, OSError):
+        return None
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return round(obj, 6)
+    if isinstance(obj, str | int | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def run_daemon(paths: Paths, start: bool) -> int:
+    from appliance.control import ControlServer
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    daemon = Daemon(paths)
+    server = ControlServer(paths.control_socket, daemon)
+    server.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.request_shutdown())
+    try:
+        return daemon.run(start)
+    finally:
+        server.stop()
