@@ -444,7 +444,12 @@ def _waiting(view: NodeView, context: str | None = None) -> Decision:
                        f"{peer.memory.gen}); joining as SECOND and resynchronising",
                        split_brain=False)
         return _stay(view)  # newer data here: the serving peer steps down (see _serving)
-    verdict = elect(view.memory, peer.memory, pol, pol.peer)
+    # A stopped peer is not competing to serve: equal data is enough to start (the peer just
+    # told us it holds nothing newer). Two waiting nodes break the tie by preference.
+    verdict = (compare_data(view.memory, peer.memory) if peer.state is State.STOP
+               else elect(view.memory, peer.memory, pol, pol.peer))
+    if verdict is Verdict.EQUAL:
+        verdict = Verdict.PEER if pol.defaultprim == pol.peer else Verdict.ME
     if verdict is Verdict.SPLIT:
         return _report_split(view)
     if peer.state in (State.WAIT, State.STOP) and verdict is Verdict.ME:
