@@ -231,11 +231,13 @@ class Daemon:
         self.modlog.info(f"daemon started (pid {os.getpid()}, generation {self.view.memory.gen})",
                          state=self.view.state.value)
         self._release_leftovers()
+        if start:
+            # Decide WAIT before the first heartbeat: a booting node must never be seen as
+            # STOP, or a peer booting at the same moment would start alone without electing.
+            self._handle(ControlCommand(Command.START, "boot"))
         self.link.start()
         if self.witness:
             self.witness.start()
-        if start:
-            self.events.put(ControlCommand(Command.START, "boot"))
         try:
             self._engine()
         finally:

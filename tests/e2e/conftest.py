@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -114,12 +115,27 @@ class Cluster:
         return int(res.stdout.strip())
 
 
-def make_lab(prefix: str, settings: LabSettings) -> Iterator[Cluster]:
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def keep_logs(lab: Lab, test_name: str) -> None:
+    """Copy both nodes' logs out of the lab before it is torn down (read them after a failure)."""
+    dest = ARTIFACTS / test_name
+    shutil.rmtree(dest, ignore_errors=True)
+    for node in Lab.NODES:
+        for src in (lab.daemon_out(node), *sorted(lab.node_paths(node).log_dir.glob("*.log"))):
+            if src.exists():
+                (dest / node).mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, dest / node / src.name)
+
+
+def make_lab(prefix: str, settings: LabSettings, test_name: str) -> Iterator[Cluster]:
     lab = Lab(prefix=prefix, settings=settings)
     try:
         lab.up()
         yield Cluster(lab)
     finally:
+        keep_logs(lab, test_name)
         lab.down()
 
 
@@ -129,10 +145,10 @@ def lab_settings() -> LabSettings:
 
 
 @pytest.fixture
-def cluster(lab_settings: LabSettings) -> Iterator[Cluster]:
+def cluster(lab_settings: LabSettings, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces, VIPs)")
-    for c in make_lab("mhe", lab_settings):
+    for c in make_lab("mhe", lab_settings, request.node.name):
         with DualRunMonitor(c.lab) as monitor:
             t0 = time.monotonic()
             yield c
