@@ -276,6 +276,10 @@ class PeerTracker:
     def peer_up(self) -> bool:
         return self._up
 
+    @property
+    def last_payload(self) -> dict[str, Any] | None:
+        return self._last_payload
+
     def receipt(self, network: str, now: float, payload: dict[str, Any]) -> list[HeartbeatEvent]:
         """An authenticated, fresh heartbeat from the peer arrived on `network`."""
         net = self._nets[network]
@@ -500,6 +504,9 @@ class HeartbeatLink:
         self._epoch = time.time_ns() if epoch is None else epoch
         self._seq = 0
         self._guard = ReplayGuard()
+        # (epoch, seq) of the newest frame whose payload was taken: a frame overtaken on another
+        # network still proves liveness, but its older payload must not undo a newer one.
+        self._newest: tuple[int, int] = (-1, -1)
         self._lock = threading.Lock()
         self._stats = {n.name: _NetStats() for n in self._networks}
         self._counters = dict.fromkeys(_COUNTER_NAMES, 0)
@@ -739,14 +746,18 @@ class HeartbeatLink:
             # Replay check under the lock only because the guard is shared state; one thread.
             fresh = self._guard.accept(frame.sender, frame.epoch, frame.seq)
             if fresh and envelope is not None:
-                return self._record(net.name, envelope, now)
+                newest = (frame.epoch, frame.seq) > self._newest
+                if newest:
+                    self._newest = (frame.epoch, frame.seq)
+                return self._record(net.name, envelope, now, newest)
         if not fresh:
             return self._reject(
                 "rejected_replay", f"replayed heartbeat (seq {frame.seq}) on {net.name}"
             )
         return self._reject("rejected_malformed", f"heartbeat on {net.name} has a bad envelope")
 
-    def _record(self, network: str, envelope: _Envelope, now: float) -> list[HeartbeatEvent]:
+    def _record(self, network: str, envelope: _Envelope, now: float,
+                newest: bool) -> list[HeartbeatEvent]:
         """Account for a fresh heartbeat (lock held) and return the tracker's events."""
         st = self._stats[network]
         st.received += 1
@@ -756,7 +767,10 @@ class HeartbeatLink:
         if envelope.echo is not None:
             self._update_rtt(st, envelope.echo, now)
         assert self._tracker is not None
-        return self._tracker.receipt(network, now, envelope.payload)
+        payload = envelope.payload
+        if not newest and self._tracker.last_payload is not None:
+            payload = self._tracker.last_payload
+        return self._tracker.receipt(network, now, payload)
 
     def _update_rtt(self, st: _NetStats, echo: tuple[int, int], now: float) -> None:
         ours_us, held_us = echo

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -58,6 +58,7 @@ import appliance
 from appliance.errors import MirrorhaError
 from appliance.keys import create_cluster_key, write_cluster_key
 from appliance.paths import Paths
+from appliance.waiting import wait_until
 
 REGISTRY_DIR = Path("/run/mirrorha-lab")
 NETNS_DIR = Path("/run/netns")
@@ -356,12 +357,6 @@ def _pids_in(kind: str, inodes: set[int]) -> list[int]:
     return [p for p in _proc_pids() if p != me and _ns_inode(p, kind) in inodes]
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise LabError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def _run(
@@ -712,7 +707,8 @@ class Lab:
                     os.kill(pid, signal.SIGKILL)
             return not pids
 
-        _wait_until(none_left, 10.0, f"the processes of lab {self.prefix!r} to exit")
+        wait_until(none_left, 10.0, f"the processes of lab {self.prefix!r} to exit",
+                   error=LabError)
 
     # -- topology ------------------------------------------------------------------------------
 
@@ -877,7 +873,7 @@ class Lab:
             found[:] = [c for c in _children(launcher.pid) if _comm(c) == "labinit"]
             return bool(found)
 
-        _wait_until(ready, timeout, f"{node}'s container to start")
+        wait_until(ready, timeout, f"{node}'s container to start", error=LabError)
         pid1 = found[0]
         start, pidns = _start_time(pid1), _ns_inode(pid1, "pid")
         if start is None or pidns is None:
@@ -891,11 +887,10 @@ class Lab:
         if container is not None and container.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(container.pid1, signal.SIGKILL)
-            _wait_until(
+            wait_until(
                 lambda: not container.alive() and not _pids_in("pid", {container.pidns}),
                 timeout,
-                f"every process of {node} to exit",
-            )
+                f"every process of {node} to exit", error=LabError)
         launcher = self._launchers.pop(node, None)
         if launcher is not None:  # ours: reap it so it does not linger as a zombie
             with contextlib.suppress(subprocess.TimeoutExpired):

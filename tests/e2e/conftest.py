@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from appliance.lab import Lab, LabSettings
-from tests.waiting import wait_until
+from appliance.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from appliance.lab import Lab, LabSettings
+from appliance.waiting import holds_for, wait_until
 from tests.e2e.conftest import Cluster
-from tests.waiting import holds_for, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
 
 from appliance.errd import ProcCount, ProcessWatch
+from appliance.waiting import wait_until
 
 NAME = f"vipt-e{os.getpid() % 100000}"  # unique per test run, fits the 15-character comm
 
@@ -20,13 +20,6 @@ NAME = f"vipt-e{os.getpid() % 100000}"  # unique per test run, fits the 15-chara
 Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

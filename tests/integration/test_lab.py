@@ -25,6 +25,7 @@ from appliance.lab import (
     main,
     userconfig_xml,
 )
+from appliance.waiting import wait_until
 
 pytestmark = [
     pytest.mark.root,
@@ -37,12 +38,6 @@ APP_ARGV = (sys.executable, "-m", "appliance.sampleapp", "--node", "{node}", "--
 SLEEP_ARGV = ("sleep", "infinity")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def lab_namespaces() -> list[str]:
@@ -230,7 +225,8 @@ def test_cut_and_restore_one_network(lab: Lab, carrier: bool) -> None:
 def test_partition_isolates_a_node_from_peer_client_and_witness(lab: Lab) -> None:
     lab.partition("node1")
 
-    assert reached(lab, "node1", "198.51.100.2", "203.0.113.2", "198.51.100.20", "198.51.100.10") == []
+    others = ("198.51.100.2", "203.0.113.2", "198.51.100.20", "198.51.100.10")
+    assert reached(lab, "node1", *others) == []
     assert lab.client_http_get("http://198.51.100.1/", timeout=0.5) is None
     assert reaches(lab, "node2", "198.51.100.20")
     assert lab.client_http_get("http://198.51.100.2/") == "node2\n"

@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +16,11 @@ import pytest
 
 from appliance.modlog import ModuleLog
 from appliance.scripts import ScriptRunner, write_safekit_shim
+from appliance.waiting import wait_until
 
 TIMEOUT_S = 0.3
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def gone(pid: int) -> bool:

@@ -1,4 +1,5 @@
-"""Waiting on conditions with deadlines: the only way tests synchronise."""
+"""Waiting on a condition with a deadline: how the lab, the benchmarks and the tests
+synchronise (never a bare sleep)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ T = TypeVar("T")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str,
-               interval: float = 0.05) -> T:
-    """Poll `predicate` until it returns something truthy; fail naming `what` at the deadline."""
+               interval: float = 0.05, error: type[Exception] = AssertionError) -> T:
+    """Poll `predicate` until it returns something truthy (returned); at the deadline raise
+    `error` naming `what`."""
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:
@@ -19,7 +21,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str,
         if last:
             return last
         time.sleep(interval)  # polling interval of a deadline-bounded wait
-    raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} (last: {last!r})")
+    raise error(f"timed out after {timeout:.1f} s waiting for {what} (last: {last!r})")
 
 
 def holds_for(predicate: Callable[[], bool], duration: float, what: str,
