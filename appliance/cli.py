@@ -21,7 +21,10 @@ from appliance.cluster import Command
 from appliance.errors import MirrorhaError
 from appliance.paths import DEFAULT_MODULE, Paths
 
-UNIT_PATH = Path("/etc/systemd/system/mirrorha.service")
+
+def unit_path() -> Path:
+    # Overridable so that tests (and image builds into a chroot) do not touch the host's /etc.
+    return Path(os.environ.get("MIRRORHA_UNIT_DIR", "/etc/systemd/system")) / "mirrorha.service"
 
 
 def _paths(args: argparse.Namespace) -> Paths:
@@ -164,19 +167,21 @@ def cmd_boot(args: argparse.Namespace) -> int:
     paths = _paths(args)
     exe = shutil.which("mirrorha") or sys.argv[0]
     has_systemd = Path("/run/systemd/system").is_dir()
+    unit = unit_path()
     if args.mode == "on":
-        UNIT_PATH.write_text(unit_text(str(Path(exe).resolve()), paths.home))
+        unit.parent.mkdir(parents=True, exist_ok=True)
+        unit.write_text(unit_text(str(Path(exe).resolve()), paths.home))
         if has_systemd:
             subprocess.run(["systemctl", "daemon-reload"], check=True)
             subprocess.run(["systemctl", "enable", "mirrorha.service"], check=True)
             print("boot start on: mirrorha.service enabled")
         else:
-            print(f"boot start on: {UNIT_PATH} written; systemd is not running here, so it "
+            print(f"boot start on: {unit} written; systemd is not running here, so it "
                   "will be enabled when the unit is loaded (`systemctl enable mirrorha`)")
     else:
-        if has_systemd and UNIT_PATH.exists():
+        if has_systemd and unit.exists():
             subprocess.run(["systemctl", "disable", "mirrorha.service"], check=False)
-        UNIT_PATH.unlink(missing_ok=True)
+        unit.unlink(missing_ok=True)
         print("boot start off")
     return 0
 

@@ -14,6 +14,7 @@ data from serving (mirrorha's generations). The comparison is about VIP failover
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.lab import Lab
@@ -36,12 +37,20 @@ def version() -> str:
     return lines[0] if lines else "unknown"
 
 
+PID_FILES = ("keepalived.pid", "vrrp.pid", "checkers.pid", "bfd.pid")
+PID_OPTIONS = ("pid", "vrrp_pid", "checkers_pid", "bfd_pid")
+
+
 def daemon_argv(lab_dir: Path) -> list[str]:
-    """keepalived in the foreground, VRRP only, logging to the container's stdout. Pid files go
-    into the node's home: the nodes share /run, and keepalived refuses to start when the pid
-    file names a live process (pids are small and equal in both containers)."""
+    """keepalived in the foreground, VRRP only, logging to the container's stdout.
+
+    Pid files go into the node's home because the nodes share /run. A crash leaves them behind,
+    and keepalived refuses to start when its pid file names a live process, which after a
+    reboot of the container is likely (pids restart from 2): on a server /run is a tmpfs that a
+    boot empties, so the boot here removes them too."""
     home = f"{lab_dir}/{{node}}/home"  # Lab replaces {node}
-    return [
+    pid_files = [f"{home}/{name}" for name in PID_FILES]
+    keepalived = [
         KEEPALIVED,
         "--dont-fork",
         "--log-console",
@@ -49,11 +58,9 @@ def daemon_argv(lab_dir: Path) -> list[str]:
         "--no-syslog",
         "--vrrp",
         f"--use-file={home}/{CONF}",
-        f"--pid={home}/keepalived.pid",
-        f"--vrrp_pid={home}/vrrp.pid",
-        f"--checkers_pid={home}/checkers.pid",
-        f"--bfd_pid={home}/bfd.pid",
+        *(f"--{option}={path}" for option, path in zip(PID_OPTIONS, pid_files, strict=True)),
     ]
+    return ["sh", "-c", f"rm -f {' '.join(pid_files)}; exec {' '.join(keepalived)}"]
 
 
 def config(lab: Lab, node: str) -> str:
@@ -119,7 +126,16 @@ def write_node_files(lab: Lab) -> None:
         lab.node_paths(node).log_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _state_lines(lab: Lab, node: str) -> list[tuple[float, str, str, str | None]]:
+@dataclass(frozen=True)
+class Notified:
+    """One line of the state log: a notify script beginning or ending."""
+
+    when: float  # epoch seconds
+    phase: str  # "begin" or "end"
+    target: str  # MASTER, BACKUP, FAULT, STOP
+
+
+def _state_lines(lab: Lab, node: str) -> list[Notified]:
     try:
         text = (lab.node_home(node) / STATE_LOG).read_text()
     except FileNotFoundError:
@@ -128,27 +144,28 @@ def _state_lines(lab: Lab, node: str) -> list[tuple[float, str, str, str | None]
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 3:
-            lines.append((float(parts[0]), parts[1], parts[2], parts[3] if len(parts) > 3 else None))
+            lines.append(Notified(float(parts[0]), parts[1], parts[2]))
     return lines
 
 
-def state(lab: Lab, node: str) -> str | None:
-    """The last state keepalived notified on a running node, once its script has finished."""
+def state(lab: Lab, node: str, since: float) -> str | None:
+    """The last state keepalived notified on a running node since epoch time `since` (the log
+    outlives restarts), once its script has finished."""
     if not lab.node_alive(node):
         return None
-    lines = [line for line in _state_lines(lab, node) if line[1] == "end"]
-    return lines[-1][2] if lines else None
+    ended = [n for n in _state_lines(lab, node) if n.phase == "end" and n.when >= since]
+    return ended[-1].target if ended else None
 
 
 def takeover(lab: Lab, node: str, since: float) -> Takeover | None:
     """The first MASTER transition of `node` after epoch time `since`, once its script ended."""
     begin: float | None = None
-    for when, phase, target, _rc in _state_lines(lab, node):
-        if when < since or target != "MASTER":
+    for n in _state_lines(lab, node):
+        if n.when < since or n.target != "MASTER":
             continue
-        if phase == "begin" and begin is None:
-            begin = when
-        elif phase == "end" and begin is not None:
+        if n.phase == "begin" and begin is None:
+            begin = n.when
+        elif n.phase == "end" and begin is not None:
             # keepalived adds the VIP, then forks the notify script: its start is the decision.
-            return Takeover(decided=begin, app_launched=begin, script_s=when - begin)
+            return Takeover(decided=begin, app_launched=begin, script_s=n.when - begin)
     return None

@@ -85,3 +85,16 @@ def test_cluster_key_init_export_import_round_trip(tmp_path: Path,
     monkeypatch.setenv("MIRRORHA_HOME", str(b))
     assert main(["cluster", "import", str(exported)]) == 0
     assert (a / "cluster.key").read_text() == (b / "cluster.key").read_text()
+
+
+def test_boot_on_writes_a_unit_that_starts_the_module_and_off_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MIRRORHA_UNIT_DIR", str(tmp_path / "units"))
+    monkeypatch.setenv("MIRRORHA_HOME", str(tmp_path / "home"))
+    unit = tmp_path / "units" / "mirrorha.service"
+    assert main(["boot", "on"]) == 0
+    text = unit.read_text()
+    assert "daemon --start" in text and f"MIRRORHA_HOME={tmp_path / 'home'}" in text
+    assert "WantedBy=multi-user.target" in text
+    assert main(["boot", "off"]) == 0
+    assert not unit.exists()
