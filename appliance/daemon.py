@@ -81,6 +81,20 @@ def resolve_node_name(config: NodeConfig) -> str:
     return identify_local_node(config.cluster, local_ipv4_addresses())
 
 
+def next_heartbeat_epoch(path: Path) -> int:
+    """The heartbeat epoch of this run: strictly above the previous run's even if the wall clock
+    went backwards, or the peer would reject every frame as a replay and declare us lost."""
+    try:
+        last = int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        last = 0
+    epoch = max(time.time_ns(), last + 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(epoch))
+    os.replace(tmp, path)
+    return epoch
+
+
 class MemoryStore:
     """The node's memory in state.json, replaced atomically and fsynced: a generation bump must
     be on disk before the application writes anything under it."""
@@ -176,7 +190,8 @@ class Daemon:
             node=self.node, peer=self.peer, key=self.key, networks=networks,
             pulse_ms=heart.pulse_ms, timeout_ms=heart.timeout_ms,
             payload=lambda: self.view.advertised().to_payload(),
-            on_event=self.events.put)
+            on_event=self.events.put,
+            epoch=next_heartbeat_epoch(self.paths.module_dir / "heartbeat.epoch"))
 
     def _make_witness(self) -> hb.Witness | None:
         sb = self.config.service.splitbrain

@@ -1187,25 +1187,39 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("network", nargs="?", choices=list(NETWORK_BY_NAME))
         if name == "cut":
             p.add_argument("--unplug", action="store_true", help="the host sees carrier loss")
+    run = command("run", "run a command inside a node, e.g. `mirrorha lab run node1 mirrorha "
+                         "swap`")
+    run.add_argument("node", choices=Lab.NODES)
+    run.add_argument("argv", nargs=argparse.REMAINDER)
     return parser
 
 
 def _print_up(lab: Lab) -> None:
     p = lab.prefix
+    opt = "" if p == "mh" else f" --prefix {p}"
+    cli = lab.mirrorha_exe
     pid = lab.node_pid1("node1")
+    poll = (f"ip netns exec {p}-cl sh -c 'while :; do curl -s -m 0.3 http://{lab.VIP}/ "
+            "|| echo \"(no answer)\"; sleep 0.2; done'")
     lines = [
         f"lab {p!r} is up: switch {p}-sw, nodes {p}-n1 {p}-n2, client {p}-cl, witness {p}-wit",
-        f"virtual IP: {lab.VIP}",
+        f"virtual IP: {lab.VIP} (served by the primary's sample application)",
         f"  ask it from the client:  ip netns exec {p}-cl curl http://{lab.VIP}/",
-        "  watch a failover:        mirrorha lab crash node1; mirrorha lab status",
-        "  bring node1 back:        mirrorha lab start node1",
+        f"  states of both nodes:    {cli} lab status{opt}",
+        "watch a failover:",
+        f"  1. in another terminal:  {poll}",
+        f"  2. crash the primary:    {cli} lab crash node1{opt}",
+        f"  3. see node2 take over:  {cli} lab status{opt}",
+        f"  4. bring node1 back:     {cli} lab start node1{opt}   (it returns as SECOND)",
+        f"  swap roles back:         {cli} lab run{opt} node2 mirrorha swap",
+        f"  any command on a node:   {cli} lab run{opt} node1 mirrorha log -n 20",
     ]
     if pid is not None:
         lines.append(f"  enter node1:             nsenter -t {pid} -n -m -p -u")
     lines += [
         f"  logs:                    {lab.daemon_out('node1')}",
         f"                           {lab.node_paths('node1').log_dir}/",
-        f"  tear down:               mirrorha lab down{'' if p == 'mh' else f' --prefix {p}'}",
+        f"  tear down:               {cli} lab down{opt}   (or: make demo-down)",
     ]
     print("\n".join(lines))
 
@@ -1278,3 +1292,9 @@ def _dispatch(lab: Lab, args: argparse.Namespace) -> None:
     elif command == "restore":
         lab.restore(args.host, args.network)
         print(f"{args.host}: {args.network or 'every'} link restored")
+    elif command == "run":
+        result = lab.node_run(args.node, args.argv, check=False)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        if result.returncode:
+            raise SystemExit(result.returncode)

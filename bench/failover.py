@@ -40,8 +40,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from appliance import control
 from appliance.errors import MirrorhaError
-from appliance.lab import Lab, LabSettings
+from appliance.lab import Lab, LabSettings, PollSample
 from bench import keepalived
 from bench.common import (
     BenchError,
@@ -74,7 +75,7 @@ FAST = LabSettings(pulse_ms=100, timeout_ms=600)
 REFERENCE = LabSettings(pulse_ms=700, timeout_ms=30000)
 
 BURNER_COMM = "mhb-burn"
-SOAK_STATE_EVERY_S = 2.0
+SOAK_STATE_EVERY_S = 0.2  # daemon state sampled this often during the soak
 
 LOG_LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \S+ [IWE] (.*)$")
 TRANSITION_RE = re.compile(r"\b([A-Z]+) -> ([A-Z]+)\b")
@@ -122,15 +123,13 @@ def module_log(lab: Lab, node: str, since: float = 0.0) -> list[LogLine]:
 
 
 def mirrorha_state(lab: Lab, node: str) -> dict[str, Any] | None:
-    """`mirrorha state --json` on a running node, None if it does not answer."""
+    """What `mirrorha state --json` prints, None if the node's daemon does not answer. Asked on
+    the daemon's control socket directly (a file the host sees): no CLI process to start, which
+    matters when sampling often on CPUs the soak keeps busy."""
     if not lab.node_alive(node):
-        return None
-    with contextlib.suppress(MirrorhaError):
-        result = lab.mirrorha(node, "state", "--json", check=False, timeout=20)
-        if result.returncode == 0:
-            with contextlib.suppress(json.JSONDecodeError):
-                state: dict[str, Any] = json.loads(result.stdout)
-                return state
+        return None  # a crashed node's socket file is still there
+    with contextlib.suppress(MirrorhaError, ValueError):
+        return control.get_state(lab.node_paths(node).control_socket)
     return None
 
 
@@ -306,6 +305,13 @@ def burner_ticks(lab: Lab) -> dict[str, tuple[int, int]]:
     return found
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole host since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 def start_burners(lab: Lab, per_node: int) -> None:
     """`per_node` busy loops in each node's container (its PID namespace: they die with it)."""
     code = f"open('/proc/self/comm', 'w').write('{BURNER_COMM}')\nwhile True:\n    pass"
@@ -336,7 +342,7 @@ def observe_states(lab: Lab, seen: SoakObservations) -> None:
     for node in lab.NODES:
         state = mirrorha_state(lab, node)
         if state is None:
-            seen.unexpected_states.append(f"{node}: no answer to state --json")
+            seen.unexpected_states.append(f"{node}: no answer from the daemon")
             continue
         seen.state_samples += 1
         if state["state"] != expected[node]:
@@ -348,71 +354,91 @@ def observe_states(lab: Lab, seen: SoakObservations) -> None:
                 seen.silence_max_s = max(seen.silence_max_s, net["last_seen_age_s"])
 
 
+@dataclass(frozen=True)
+class SoakWindow:
+    """What the soak measured while the load ran."""
+
+    wall0: float  # epoch time the load window started
+    elapsed_s: float
+    burner_cores: dict[str, float]  # CPU cores the burners of each node used on average
+    host_busy: float  # fraction of the host's CPU time that was busy
+    samples: list[PollSample]
+    seen: SoakObservations
+
+
+def soak_window(lab: Lab, duration_s: float) -> SoakWindow:
+    """Client polling and daemon state sampling for duration_s, the burners already running."""
+    seen = SoakObservations()
+    with lab.client_poller(interval_s=0.1, timeout_s=1.0, max_duration_s=duration_s + 120) as poll:
+        ticks0, host0 = burner_ticks(lab), host_cpu_ticks()
+        t_start, wall0 = time.monotonic(), time.time()
+        end, next_report = t_start + duration_s, t_start + 60
+        while (now := time.monotonic()) < end:
+            observe_states(lab, seen)
+            if now >= next_report:
+                print(f"  soak: {now - t_start:.0f} s", flush=True)
+                next_report += 60
+            time.sleep(max(0.0, min(SOAK_STATE_EVERY_S, end - time.monotonic())))
+        ticks1, host1 = burner_ticks(lab), host_cpu_ticks()
+        elapsed = time.monotonic() - t_start
+        samples = [s for s in poll.samples() if t_start <= s.t_start <= t_start + elapsed]
+    tick_hz = os.sysconf("SC_CLK_TCK")
+    cores = {
+        node: round((ticks1[node][1] - ticks0[node][1]) / tick_hz / elapsed, 2)
+        for node in lab.NODES
+    }
+    busy = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
+    return SoakWindow(wall0, elapsed, cores, round(busy, 3), samples, seen)
+
+
+def log_lines_matching(lab: Lab, since: float, keep: Callable[[str], bool]) -> list[str]:
+    return [
+        f"{node}: {line.text}"
+        for node in lab.NODES
+        for line in module_log(lab, node, since)
+        if keep(line.text)
+    ]
+
+
+def soak_report(lab: Lab, window: SoakWindow, per_node: int) -> dict[str, Any]:
+    transitions = log_lines_matching(lab, window.wall0, lambda t: bool(TRANSITION_RE.search(t)))
+    silences = log_lines_matching(lab, window.wall0, lambda t: "silent" in t)
+    served = [s.served_by for s in window.samples if s.ok]
+    seen = window.seen
+    return {
+        "duration_s": round(window.elapsed_s, 1),
+        "settings": {"pulse_ms": FAST.pulse_ms, "timeout_ms": FAST.timeout_ms},
+        "cpus": os.cpu_count(),
+        "burners_per_node": per_node,
+        "burner_cpu_cores_used": window.burner_cores,
+        "host_cpu_busy": window.host_busy,
+        "state_transitions": transitions,
+        "false_failovers_in_logs": len(transitions),
+        "client_requests": len(window.samples),
+        "client_errors": sum(1 for s in window.samples if not s.ok),
+        "client_served_by_changes": sum(1 for a, b in itertools.pairwise(served) if a != b),
+        "served_by": sorted({s for s in served if s}),
+        "heartbeat_network_silences": silences,
+        "state_samples": seen.state_samples,
+        "state_sample_interval_s": SOAK_STATE_EVERY_S,
+        "unexpected_states": seen.unexpected_states[:20],
+        "heartbeat_rtt_max_s": round(seen.rtt_max_s, 6),
+        "heartbeat_silence_max_s": round(seen.silence_max_s, 3),
+    }
+
+
 def soak(duration_s: float) -> dict[str, Any]:
+    """mirrorha 100/600 with both nodes' CPUs saturated: any state change is a false failover."""
     backend = MirrorhaBackend("soak", FAST)
     lab = backend.lab
-    cpus = os.cpu_count() or 1
-    per_node = 2 * cpus
+    per_node = 2 * (os.cpu_count() or 1)
     try:
         backend.start()
         start_burners(lab, per_node)
-        seen = SoakObservations()
-        with lab.client_poller(
-            interval_s=0.1, timeout_s=1.0, max_duration_s=duration_s + 120
-        ) as poller:
-            ticks0, t_start, wall0 = burner_ticks(lab), time.monotonic(), time.time()
-            print(
-                f"  soak: {duration_s:g} s, {per_node} CPU burners per node on {cpus} CPUs",
-                flush=True,
-            )
-            end = t_start + duration_s
-            next_report = t_start + 60
-            while (now := time.monotonic()) < end:
-                observe_states(lab, seen)
-                if now >= next_report:
-                    print(f"  soak: {now - t_start:.0f} s", flush=True)
-                    next_report += 60
-                time.sleep(max(0.0, min(SOAK_STATE_EVERY_S, end - time.monotonic())))
-            ticks1, elapsed = burner_ticks(lab), time.monotonic() - t_start
-            samples = [s for s in poller.samples() if s.t_start >= t_start]
+        print(f"  soak: {duration_s:g} s, {per_node} CPU burners per node", flush=True)
+        window = soak_window(lab, duration_s)
         stop_burners(lab)
-        tick_hz = os.sysconf("SC_CLK_TCK")
-        load = {
-            node: round((ticks1[node][1] - ticks0[node][1]) / tick_hz / elapsed, 2)
-            for node in lab.NODES
-        }
-        transitions = [
-            f"{node}: {line.text}"
-            for node in lab.NODES
-            for line in module_log(lab, node, wall0)
-            if TRANSITION_RE.search(line.text)
-        ]
-        silent = [
-            f"{node}: {line.text}"
-            for node in lab.NODES
-            for line in module_log(lab, node, wall0)
-            if "silent" in line.text
-        ]
-        served = [s.served_by for s in samples if s.ok]
-        changes = sum(1 for a, b in itertools.pairwise(served) if a != b)
-        return {
-            "duration_s": round(elapsed, 1),
-            "settings": {"pulse_ms": FAST.pulse_ms, "timeout_ms": FAST.timeout_ms},
-            "cpus": cpus,
-            "burners_per_node": per_node,
-            "burner_cpu_cores_used": load,
-            "state_transitions": transitions,
-            "false_failovers_in_logs": len(transitions),
-            "client_requests": len(samples),
-            "client_errors": sum(1 for s in samples if not s.ok),
-            "client_served_by_changes": changes,
-            "served_by": sorted({s for s in served if s}),
-            "heartbeat_network_silences": silent,
-            "state_samples": seen.state_samples,
-            "unexpected_states": seen.unexpected_states[:20],
-            "heartbeat_rtt_max_s": round(seen.rtt_max_s, 6),
-            "heartbeat_silence_max_s": round(seen.silence_max_s, 3),
-        }
+        return soak_report(lab, window, per_node)
     finally:
         keep_logs(lab, "soak")
         lab.down()
@@ -470,7 +496,7 @@ def _cell(stats: dict[str, Any] | None, key: str = "median") -> str:
 
 def table(results: dict[str, Any]) -> str:
     head = (
-        f"{'scenario':<36} {'runs':>4} {'min':>7} {'median':>7} {'max':>7} "
+        f"{'scenario':<40} {'runs':>4} {'min':>7} {'median':>7} {'max':>7} "
         f"{'detect':>7} {'app':>7} {'RTO-app':>7}"
     )
     lines = [
@@ -484,12 +510,12 @@ def table(results: dict[str, Any]) -> str:
         if scenario is None:
             continue
         if "error" in scenario:
-            lines.append(f"{name:<36} FAILED: {scenario['error']}")
+            lines.append(f"{name:<40} FAILED: {scenario['error']}")
             continue
         s = scenario["stats"]
         rto = s["rto_s"]
         lines.append(
-            f"{scenario['label']:<36} {rto['n'] if rto else 0:>4} {_cell(rto, 'min'):>7} "
+            f"{scenario['label']:<40} {rto['n'] if rto else 0:>4} {_cell(rto, 'min'):>7} "
             f"{_cell(rto):>7} {_cell(rto, 'max'):>7} {_cell(s['detection_s']):>7} "
             f"{_cell(s['app_start_s']):>7} {_cell(s['rto_minus_app_start_s']):>7}"
         )
@@ -509,13 +535,14 @@ def soak_summary(result: dict[str, Any]) -> str:
     lines = [
         f"soak {result['duration_s']:g} s at pulse {result['settings']['pulse_ms']} ms / "
         f"timeout {result['settings']['timeout_ms']} ms, {result['burners_per_node']} CPU "
-        f"burners per node on {result['cpus']} CPUs (CPU cores used by burners: {load})",
+        f"burners per node on {result['cpus']} CPUs (host CPU busy "
+        f"{result['host_cpu_busy'] * 100:.0f} %; cores used by burners: {load})",
         f"  state transitions in the module logs: {result['false_failovers_in_logs']}; "
         f"served-by changes seen by the client: {result['client_served_by_changes']} "
         f"({result['client_requests']} requests, {result['client_errors']} failed)",
         f"  heartbeat RTT max {result['heartbeat_rtt_max_s'] * 1000:.1f} ms, longest silence "
         f"seen {result['heartbeat_silence_max_s'] * 1000:.0f} ms (sampled every "
-        f"{SOAK_STATE_EVERY_S:g} s), network silences logged: "
+        f"{result['state_sample_interval_s']:g} s), network silences logged: "
         f"{len(result['heartbeat_network_silences'])}",
     ]
     lines += [f"  transition: {t}" for t in result["state_transitions"][:10]]
