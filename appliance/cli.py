@@ -4,6 +4,7 @@ never a traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -155,6 +156,9 @@ Wants=network-online.target
 Environment=MIRRORHA_HOME={home}
 ExecStart={exe} daemon --start
 KillSignal=SIGTERM
+# SIGTERM to the daemon only: it stops the application itself, in order (stop_prim, VIP, then
+# tells the peer); whatever is left afterwards is still SIGKILLed by systemd.
+KillMode=mixed
 TimeoutStopSec=900
 Restart=on-failure
 
@@ -230,7 +234,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirrorha", description="two-node HA with synchronous "
                                 "replication")
-    p.add_argument("-m", "--module", default=DEFAULT_MODULE, help="module name (default mirror)")
+    # Scripts run by the daemon get MIRRORHA_MODULE, so `$SAFE/safekit stop` acts on their module.
+    p.add_argument("-m", "--module", default=os.environ.get("MIRRORHA_MODULE", DEFAULT_MODULE),
+                   help="module name (default: $MIRRORHA_MODULE or mirror)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("daemon", help="run the node daemon (systemd runs this)")
@@ -302,6 +308,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MirrorhaError as e:
+        print(f"mirrorha: {e}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as e:
+        print(f"mirrorha: {' '.join(map(str, e.cmd))} failed with exit code {e.returncode}",
+              file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `mirrorha log | head`: the reader went away; nothing to report.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flush at exit must not fail
+        return 0
+    except OSError as e:
         print(f"mirrorha: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -38,6 +38,8 @@ class _Handler(socketserver.StreamRequestHandler):
             reply = self.server.dispatch(request)
         except (ValueError, KeyError, TypeError) as e:
             reply = {"ok": False, "error": f"bad request: {e}"}
+        except Exception as e:  # the client gets an answer, whatever went wrong here
+            reply = {"ok": False, "error": f"internal error: {e!r}"}
         self.wfile.write(json.dumps(reply).encode() + b"\n")
 
 
@@ -123,7 +125,14 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[
                                 ) from None
     except OSError as e:
         raise DaemonUnreachable(f"{path}: {e}") from None
-    return json.loads(data)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise DaemonUnreachable(f"{path}: the daemon closed the connection without an answer; "
+                                "see its module log") from None
+    if not isinstance(reply, dict):
+        raise DaemonUnreachable(f"{path}: unexpected answer {reply!r}")
+    return reply
 
 
 def send_command(path: Path, command: Command, origin: str) -> None:

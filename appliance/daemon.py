@@ -9,6 +9,7 @@ polled by the engine between events, so they never race an application restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from ipaddress import IPv4Address
@@ -137,10 +139,12 @@ class Daemon:
         self.peer = self.config.cluster.peer_of(self.node).name
         self.modlog = ModuleLog(paths.module_log, self.node)
         self.store = MemoryStore(paths.state_file)
-        self.events: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue: its put() may be called from the SIGTERM handler (Queue.put may deadlock).
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.view: NodeView = cluster.initial_view(
             policy_from(self.config.service, self.node, self.peer), self.store.load())
         self.busy: str | None = None  # what the engine is doing right now (for `state`)
+        self.busy_since = 0.0
         self.counters: dict[str, int] = {"bad_payload": 0}
         self.started_at = time.time()
         self._lock = threading.Lock()
@@ -160,8 +164,8 @@ class Daemon:
             v for v, iface in zip(self.vips, self._vip_ifaces(service), strict=True) if iface.check
         ]
         shim_dir = self.paths.module_dir / "run"
-        write_safekit_shim(shim_dir, sys.argv[0] if sys.argv[0].endswith("mirrorha")
-                           else "mirrorha")
+        exe = sys.argv[0] if sys.argv[0].endswith("mirrorha") else "mirrorha"
+        write_safekit_shim(shim_dir, os.path.abspath(exe) if os.sep in exe else exe)
         env = {
             "MIRRORHA_HOME": str(self.paths.home),
             "MIRRORHA_MODULE": self.paths.module,
@@ -189,7 +193,7 @@ class Daemon:
         return hb.HeartbeatLink(
             node=self.node, peer=self.peer, key=self.key, networks=networks,
             pulse_ms=heart.pulse_ms, timeout_ms=heart.timeout_ms,
-            payload=lambda: self.view.advertised().to_payload(),
+            payload=self._payload,
             on_event=self.events.put,
             epoch=next_heartbeat_epoch(self.paths.module_dir / "heartbeat.epoch"))
 
@@ -198,6 +202,19 @@ class Daemon:
         if sb is None:
             return None
         return hb.Witness(sb.witness, interval_ms=self.config.service.heart.pulse_ms)
+
+    def _payload(self) -> dict[str, Any]:
+        """What heartbeats carry. An engine stuck in an action far beyond its time limits (a
+        script in uninterruptible sleep, say) must not keep claiming the role: raising here
+        silences the heartbeats, so the peer takes over."""
+        if self.busy and time.monotonic() - self.busy_since > self._action_budget():
+            raise RuntimeError(f"engine stuck in {self.busy} for "
+                               f"{time.monotonic() - self.busy_since:.0f} s")
+        return self.view.advertised().to_payload()
+
+    def _action_budget(self) -> float:
+        user = self.config.service.user
+        return user.nicestoptimeout_s + user.forcestoptimeout_s + 60.0
 
     def witness_ok(self) -> bool | None:
         if self.witness is None:
@@ -210,7 +227,7 @@ class Daemon:
     def submit(self, command: Command, origin: str) -> str | None:
         """Queue an operator command; returns why it is refused in the current state, if so."""
         if command is Command.START and self.view.state is State.STOP:
-            problem = self._reload_config_problem()
+            problem = self._config_problem()
             if problem:
                 return problem
         refused = cluster.step(self.view, CommandEvent(command, origin)).refused
@@ -246,6 +263,7 @@ class Daemon:
         self.modlog.info(f"daemon started (pid {os.getpid()}, generation {self.view.memory.gen})",
                          state=self.view.state.value)
         self._release_leftovers()
+        self._stop_leftover_app()
         if start:
             # Decide WAIT before the first heartbeat: a booting node must never be seen as
             # STOP, or a peer booting at the same moment would start alone without electing.
@@ -277,18 +295,34 @@ class Daemon:
                 item = None
             if isinstance(item, Shutdown):
                 if self.view.state is not State.STOP:
-                    self._apply(cluster.step(self.view, CommandEvent(Command.STOP,
-                                                                     "daemon shutdown")))
+                    self._guarded(self._apply, cluster.step(
+                        self.view, CommandEvent(Command.STOP, "daemon shutdown")))
                 return
             if item is not None:
-                self._handle(item)
+                self._guarded(self._handle, item)
             if time.monotonic() >= next_poll:
-                self._poll()
+                self._guarded(self._poll)
                 next_poll = time.monotonic() + self.poll_interval
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """A bug or an unexpected OS error in one event must not kill the daemon (which would
+        leave the application and the VIP behind): log it with its traceback and go on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self.busy = None
+            detail = traceback.format_exc().strip().replace("\n", " | ")
+            with contextlib.suppress(Exception):
+                self.modlog.error(f"internal error ({e!r}); continuing: {detail}",
+                                  state=self.view.state.value)
+            log.exception("engine error")
 
     def _handle(self, item: Any) -> None:
         event = self._translate(item)
         if event is None:
+            return
+        if (isinstance(event, CommandEvent) and self.view.state is State.STOP
+                and event.command is not Command.STOP and not self._take_pending_config()):
             return
         decision = cluster.step(self.view, event)
         if decision.refused:
@@ -338,7 +372,13 @@ class Daemon:
     def _apply(self, decision: Decision) -> None:
         old, new = self.view, decision.view
         if new.memory != old.memory:
-            self.store.save(new.memory)
+            try:
+                self.store.save(new.memory)
+            except OSError as e:
+                # Acting on a generation that is not on disk could let stale data win later.
+                self.modlog.error(f"cannot record the node state ({e}); not acting on: "
+                                  f"{decision.reason}", state=old.state.value)
+                return
         if decision.reason:
             arrow = f"{old.state} -> {new.state}" if new.state != old.state else f"{new.state}"
             line = f"{arrow}: {decision.reason}"
@@ -355,6 +395,7 @@ class Daemon:
 
     def _run(self, action: Action) -> None:
         self.busy = action.value
+        self.busy_since = time.monotonic()
         try:
             match action:
                 case Action.ADD_VIP:
@@ -382,6 +423,8 @@ class Daemon:
 
     def _poll(self) -> None:
         self._check_interfaces()
+        if self.view.state not in cluster.SERVING:
+            self._release_leftovers()  # a VIP that failed to go away must not stay duplicated
         if self.watch is None or self.view.state not in cluster.SERVING:
             return
         # Only the application's processes are watched, and only where the application runs.
@@ -392,29 +435,39 @@ class Daemon:
                 return
 
     def _check_interfaces(self) -> None:
-        for vip in self.checked_vips:
-            up = _safe(vip.interface_up)
-            if up is None:
-                continue
-            if up != self.view.interface_ok:
-                try:
-                    name = vip.resolve_interface()[0]
-                except VipError:
-                    name = "?"
-                self._handle(cluster.InterfaceChanged(name, up))
-                return
+        if not self.checked_vips:
+            return
+        down = [vip for vip in self.checked_vips if _safe(vip.interface_up) is False]
+        up = not down
+        if up != self.view.interface_ok:
+            names = sorted({_interface_name(v) for v in (down or self.checked_vips)})
+            self._handle(cluster.InterfaceChanged(",".join(names), up))
 
     def _release_leftovers(self) -> None:
-        """A node that starts in STOP must not hold the VIP (left behind by a crash)."""
+        """A node that does not serve must not hold the VIP (left by a crash, or a removal that
+        failed)."""
         for vip in self.vips:
             if _safe(vip.held):
-                self.modlog.warning(f"VIP {vip.addr} was still configured at start (left by a "
-                                    "crash?); removing it", state=self.view.state.value)
+                self.modlog.warning(f"VIP {vip.addr} is configured on a node that does not "
+                                    "serve; removing it", state=self.view.state.value)
                 self._vip_call(vip.remove, f"removing VIP {vip.addr}")
 
-    def _reload_config_problem(self) -> str | None:
-        """Starting re-reads the configuration; a broken file refuses the start, changes
-        nothing, and names the file, line and field."""
+    def _stop_leftover_app(self) -> None:
+        """A daemon that starts finds the module stopped: an application still running from a
+        previous run (daemon crash, manual start) is stopped, or it could run on both nodes."""
+        if self.watch is None:
+            return
+        running = [c for c in self.watch.count() if c.count > 0]
+        if running:
+            names = ", ".join(f"{c.name} ({c.count})" for c in running)
+            self.modlog.warning(f"application processes running while the module is stopped: "
+                                f"{names}; running stop_prim", state=self.view.state.value)
+            self.scripts.stop_app()
+
+    def _config_problem(self) -> str | None:
+        """Starting re-reads the configuration: a broken file refuses the start, changes
+        nothing, and names the file, line and field. Validation only (control thread); the
+        engine applies it when it processes the start."""
         try:
             config = load_node_config(self.paths.cluster_xml, self.paths.userconfig)
             node = resolve_node_name(config)
@@ -424,15 +477,31 @@ class Daemon:
             return "cluster.xml changed: restart the daemon to apply a new node list"
         if config.service.heart != self.config.service.heart:
             return "heartbeat settings changed: restart the daemon to apply them"
+        if config.service.splitbrain != self.config.service.splitbrain:
+            return "split-brain witness changed: restart the daemon to apply it"
+        return None
+
+    def _take_pending_config(self) -> bool:
+        """Engine side of a start: load the configuration again and apply it if it changed."""
+        problem = self._config_problem()
+        if problem:
+            self.modlog.error(f"start refused: {problem}", state=self.view.state.value)
+            return False
+        config = load_node_config(self.paths.cluster_xml, self.paths.userconfig)
         if config != self.config:
             self.config = config
-            with self._lock:
-                self.view = replace(self.view, policy=policy_from(config.service, self.node,
-                                                                  self.peer))
+            self.view = replace(self.view, policy=policy_from(config.service, self.node,
+                                                              self.peer))
             self._build_adapters(config)
-            self.witness = self.witness or self._make_witness()
             self.modlog.info("configuration reloaded", state=self.view.state.value)
-        return None
+        return True
+
+
+def _interface_name(vip: VirtualIp) -> str:
+    try:
+        return vip.resolve_interface()[0]
+    except (VipError, OSError):
+        return str(vip.addr)
 
 
 def _keep_state(old: NodeView, new: NodeView) -> NodeView:

@@ -627,6 +627,11 @@ class HeartbeatLink:
                 # A bug here must not silence us (the peer would take over): log and go on.
                 self._log("cycle", logging.ERROR, "heartbeat loop error", exc=True)
                 self._stopping.wait(self._pulse_s / 10)
+        if self._send_requested.is_set():
+            # The last state change (typically STOP at daemon shutdown) must reach the peer, so
+            # that it takes over at once instead of after the timeout.
+            with contextlib.suppress(Exception):
+                self._send_all()
 
     def _cycle(
         self,

@@ -41,8 +41,13 @@ class ModuleLog:
         # One line per event: embedded newlines would make the log ambiguous to parse.
         line = format_line(datetime.now(), self.node, level, message.replace("\n", " | "), state)
         # Opening per line costs little and survives log rotation (logrotate's move/create).
-        with self._lock, self.path.open("a", encoding="utf-8", buffering=1) as f:
-            f.write(line + "\n")
+        try:
+            with self._lock, self.path.open("a", encoding="utf-8", buffering=1) as f:
+                f.write(line + "\n")
+        except OSError as e:
+            # A full disk must not stop the cluster from acting: the line still reaches the
+            # daemon's own output (journal).
+            _mirror.error("module log %s not writable (%s)", self.path, e)
         _mirror.log(_PY_LEVELS[level], "%s", line)
 
     @staticmethod

@@ -117,13 +117,27 @@ class ScriptRunner:
         if not path.is_file() or not os.access(path, os.X_OK):
             self.modlog.error(f"{command} not run: {path} is missing or not executable")
             return ScriptResult(name, args, None, False, 0.0)
-        self.app_log.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
+        try:
+            proc = self._spawn(path, command, args)
+        except OSError as e:
+            # A script without a shebang, with CRLF line ends, or a full disk for the log: a
+            # failed script, not a reason for the daemon to die.
+            self.modlog.error(f"{command} could not be run: {e}")
+            return ScriptResult(name, args, None, False, time.monotonic() - started)
+        if remember_group:
+            with self._lock:
+                self._app_groups.add(proc.pid)
+        self.modlog.info(f"{command} started")
+        return self._wait(proc, name, args, timeout_s, started)
+
+    def _spawn(self, path: Path, command: str, args: tuple[str, ...]) -> subprocess.Popen[bytes]:
+        self.app_log.parent.mkdir(parents=True, exist_ok=True)
         with self.app_log.open("ab") as out:
             stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
             out.write(f"==== {stamp} {command} ====\n".encode())
             out.flush()
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 [str(path), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -132,11 +146,6 @@ class ScriptRunner:
                 env={**os.environ, **self.env},
                 start_new_session=True,  # own process group, so a timeout can kill all of it
             )
-        if remember_group:
-            with self._lock:
-                self._app_groups.add(proc.pid)
-        self.modlog.info(f"{command} started")
-        return self._wait(proc, name, args, timeout_s, started)
 
     def _wait(
         self,
@@ -152,7 +161,12 @@ class ScriptRunner:
         except subprocess.TimeoutExpired:
             members = [pid for _, pid in _live_members({proc.pid})]
             _signal_group(proc.pid, signal.SIGKILL)  # its time is spent: no second chance
-            proc.wait()
+            try:
+                proc.wait(timeout=self.kill_grace_s)
+            except subprocess.TimeoutExpired:
+                # Uninterruptible sleep (hung storage): do not hang the daemon with it.
+                self.modlog.error(f"{command} (pid {proc.pid}) does not die after SIGKILL; "
+                                  "leaving it behind")
             # SIGKILL is delivered asynchronously: return only once the group is really gone.
             _wait_gone(members, self.kill_grace_s)
             self.modlog.error(

@@ -250,7 +250,7 @@ def describe(r: CrashRun) -> str:
 def summarize(runs: Sequence[CrashRun]) -> dict[str, Any]:
     def stats(get: Callable[[CrashRun], float | None]) -> dict[str, Any] | None:
         s = Stats.of([get(r) for r in runs])
-        return asdict(s) if s else None
+        return _rounded(asdict(s)) if s else None
 
     return {
         "rto_s": stats(lambda r: r.rto_s),
@@ -462,6 +462,11 @@ def keep_logs(lab: Lab, scenario: str) -> None:
                 shutil.copy(src, dest / node / src.name)
 
 
+def _rounded(record: dict[str, Any]) -> dict[str, Any]:
+    # Sub-millisecond digits are noise here (the client polls every 20 ms).
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+
+
 def crash_scenario(name: str, runs: int) -> dict[str, Any]:
     backend: Backend
     if name == "keepalived":
@@ -485,7 +490,10 @@ def crash_scenario(name: str, runs: int) -> dict[str, Any]:
     return {
         "label": label,
         "settings": settings,
-        "runs": [{**asdict(r), "rto_minus_app_start_s": r.rto_minus_app_start_s} for r in results],
+        "runs": [
+            _rounded({**asdict(r), "rto_minus_app_start_s": r.rto_minus_app_start_s})
+            for r in results
+        ],
         "stats": summarize(results),
     }
 

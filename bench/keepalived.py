@@ -5,7 +5,9 @@ config of its own in the node's home: one VRRP instance on eth0 carrying the sam
 every 0.1 s, both nodes starting as BACKUP with `nopreempt` so that a node coming back does not
 take the VIP back (mirrorha does not fail back either: the returning node is SECOND). The
 notify scripts run the lab's own start_prim / stop_prim, so a takeover includes starting the
-same application as with mirrorha.
+same application as with mirrorha. Adverts are multicast (224.0.0.18) on the lab's `default`
+network only, where mirrorha sends heartbeats on both networks; keepalived sends its own
+gratuitous ARPs when it takes the VIP.
 
 keepalived only moves an address: it has no notion of data, so nothing stops a node with stale
 data from serving (mirrorha's generations). The comparison is about VIP failover time only.
@@ -27,6 +29,8 @@ ADVERT_INT_S = 0.1
 CONF = "keepalived.conf"
 STATE_LOG = "vrrp-state.log"  # one line per notify: "EPOCH begin|end STATE [rc]"
 NOTIFY = "vrrp-notify"
+PID_FILES = ("keepalived.pid", "vrrp.pid", "checkers.pid", "bfd.pid")
+PID_OPTIONS = ("pid", "vrrp_pid", "checkers_pid", "bfd_pid")
 
 
 def version() -> str:
@@ -35,10 +39,6 @@ def version() -> str:
     )
     lines = (result.stderr or result.stdout).strip().splitlines()
     return lines[0] if lines else "unknown"
-
-
-PID_FILES = ("keepalived.pid", "vrrp.pid", "checkers.pid", "bfd.pid")
-PID_OPTIONS = ("pid", "vrrp_pid", "checkers_pid", "bfd_pid")
 
 
 def daemon_argv(lab_dir: Path) -> list[str]:

@@ -181,3 +181,17 @@ def test_lab_vip_is_on_exactly_one_node(cluster: Cluster) -> None:
     formed(cluster)
     held = {n: cluster.state(n)["vip"][0]["held"] for n in Lab.NODES}
     assert held == {"node1": True, "node2": False}
+
+
+def test_daemon_shutdown_on_primary_is_a_planned_failover(cluster: Cluster) -> None:
+    formed(cluster)
+    # What `systemctl stop mirrorha` (or a reboot) does: SIGTERM to the daemon (the lab's init
+    # forwards it). stop_prim runs, then the peer is told at once instead of timing out.
+    cluster.lab.node_run("node1", ["kill", "-TERM", "1"])
+    cluster.wait_state("node2", "ALONE")
+    cluster.wait_served_by("node2")
+    wait_until(lambda: not cluster.lab.node_alive("node1"), 10, "node1's daemon to exit")
+    assert "stopped by daemon shutdown" in cluster.module_log("node1")
+    assert "stop_prim exited 0" in cluster.module_log("node1")
+    log2 = cluster.module_log("node2")
+    assert "SECOND -> ALONE: node1 is STOP" in log2 and "no heartbeat" not in log2
