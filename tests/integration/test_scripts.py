@@ -21,8 +21,6 @@ from appliance.waiting import wait_until
 TIMEOUT_S = 0.3
 
 
-
-
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -231,3 +229,14 @@ def test_module_log_lines_carry_time_node_level_and_state(tmp_path: Path) -> Non
     assert lines[0].endswith(" node2 W line one | line two")
     assert lines[1].endswith(" node2 E stop_prim failed")
     assert ModuleLog.tail(tmp_path / "absent.log", 5) == []
+
+
+@pytest.mark.parametrize("content", [b"#!/bin/sh\r\necho hi\r\n", b"echo no shebang\n"])
+def test_script_that_cannot_be_executed_is_a_failed_script_not_a_crash(
+        module: Module, content: bytes) -> None:
+    path = module.dir / "bin" / "start_prim"
+    path.write_bytes(content)  # CRLF line ends (edited on Windows) or no interpreter line
+    path.chmod(0o755)
+    result = module.runner.start_app()  # exec fails (ENOENT "/bin/sh\r", ENOEXEC): no raise
+    assert result.exit_code is None and not result.timed_out
+    assert "E start_prim could not be run: [Errno" in module.module_log
