@@ -1,0 +1,967 @@
+"""The replication channel: one mutual-TLS stream from the primary to the secondary per module.
+
+Primary side, `ReplicaSender`: `submit(op)` numbers the op, queues its frame for a single writer
+task (so the stream carries ops in the order submit was called, whatever the number of
+concurrent callers) and returns
+
+- for an ordinary op, as soon as it fits in the in-flight window (bytes sent but not yet
+  acknowledged): many writes are in flight at once, and a full window is the backpressure;
+- for a durable op (FSYNC, SYNC), once the secondary acknowledged it durably, i.e. applied it
+  and everything before it, and did the fsync/syncfs.
+
+The sender never lets the application hang on a dead or stalled peer: no acknowledgement for
+`ack_timeout_s` while something is outstanding, a broken stream or a NACK marks it broken; every
+waiting and later `submit` raises `ReplicaBroken` and `on_broken(reason)` is called once.
+
+Secondary side, `ReplicaReceiver`: accepts TLS connections (the ssl context checks the client
+certificate), serves one primary at a time (a new authenticated connection replaces the current
+one: a primary that restarted must not wait for a half-open stale connection), checks sequence
+numbers, and applies ops strictly in order through an `Applier` in a worker thread.
+
+Greeting: the primary sends HELLO {protocol, node, module, generation, first_seq} and waits; the
+secondary checks it (the node must be the one its certificate names; module; optional
+`check_hello` for the generation) and answers HELLO {protocol, node, module, async, accepted}
+when it starts serving, or NACK(seq 0, EPERM, reason) and closes. The first op carries
+`first_seq` (default 1), each next op the next number.
+
+Acknowledgements (protocol.Ack is cumulative: "everything up to seq"):
+- Ack(seq, durable=False), async_mode "second": ops up to seq are received and queued in
+  memory; they WILL be applied, in order, even if the connection drops afterwards (the session
+  drains its queue before it ends). async_mode "none": ops up to seq are applied.
+- Ack(seq, durable=True): every op up to seq is applied and the durable op seq (and so every
+  durable op before it) completed its fsync/sync.
+One Ack per batch of frames read (second) or applied (none), never one per frame.
+
+An op the secondary refuses (malformed frame, sequence gap, path escaping the replicated
+directory, OS error) is answered by a NACK carrying an errno; the connection is dropped and
+nothing after that op is applied. The secondary's copy is then the prefix before the refused op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import trio
+
+from appliance.errors import MirrorhaError
+from appliance.replication import tls
+from appliance.replication.protocol import (
+    Ack,
+    Frame,
+    Hello,
+    Nack,
+    Op,
+    OpKind,
+    ProtocolError,
+    decode,
+    encode,
+    frame_length,
+)
+
+log = logging.getLogger("mirrorha.replication.channel")
+
+PROTOCOL_VERSION = 1
+DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
+DEFAULT_ACK_TIMEOUT_S = 5.0
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_APPLY_QUEUE_BYTES = 16 * 1024 * 1024  # received, acked ("second") and not yet applied
+HANDSHAKE_TIMEOUT_S = 5.0  # a connection must prove itself (TLS + HELLO) within this
+FLUSH_TIMEOUT_S = 2.0  # last acks/NACK of an ending session: a peer that stopped reading
+CLOSE_TIMEOUT_S = 1.0
+MAX_PENDING_HANDSHAKES = 16  # unauthenticated connections cannot pile up without bound
+RECEIVE_CHUNK = 256 * 1024
+SEND_BATCH_BYTES = 256 * 1024  # small frames are joined into one send_all up to this
+APPLY_BATCH_OPS = 256  # ops handed to the applier thread per round trip
+APPLY_BATCH_BYTES = 4 * 1024 * 1024
+# Half-open TCP (peer host died, no FIN) is noticed by the sender's ack timeout; keepalive lets
+# the receiver notice it too when idle, and frees the socket.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 2, 3
+
+ASYNC_MODES: tuple[str, ...] = ("second", "none")
+
+
+class ReplicaBroken(MirrorhaError):
+    """The replication stream to the secondary is unusable; `reason` is a sentence for the log.
+    The op being submitted may or may not have reached the secondary."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ApplierLike(Protocol):
+    """What the receiver needs from appliance.replication.applier.Applier."""
+
+    def apply(self, op: Op) -> None: ...
+    def fsync(self, root: int, path: str, datasync: bool) -> None: ...
+    def sync(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Lag:
+    """What the secondary has not acknowledged yet (RPO at risk if the primary died now)."""
+
+    bytes: int
+    ops: int
+    seconds: float  # age of the oldest unacknowledged op; 0 when nothing is in flight
+
+
+@dataclass(frozen=True)
+class PeerConnected:
+    node: str
+    hello: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PeerDisconnected:
+    node: str
+    reason: str
+    last_applied_seq: int
+
+
+@dataclass(frozen=True)
+class OpRefused:
+    node: str
+    seq: int
+    errno: int
+    message: str
+
+
+@dataclass(frozen=True)
+class ConnectionRefused:
+    address: str
+    reason: str
+
+
+ReceiverEvent = PeerConnected | PeerDisconnected | OpRefused | ConnectionRefused
+
+
+# ----------------------------------------------------------------------------------- framing
+
+class _FrameReader:
+    """Splits a byte stream into decoded frames, returning everything already buffered at once
+    so that the receiver can acknowledge a whole batch with one Ack."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._need = 4  # bytes the buffer must hold before parsing can make progress
+        self._pending: list[Frame] = []
+        self._error: ProtocolError | None = None
+
+    async def batch(self) -> list[Frame]:
+        """At least one frame; [] at a clean end of stream. A malformed frame raises
+        ProtocolError after the good frames before it have been returned."""
+        while True:
+            if self._pending:
+                frames, self._pending = self._pending, []
+                return frames
+            if self._error is not None:
+                raise self._error
+            data = await self._stream.receive_some(RECEIVE_CHUNK)
+            if not data:
+                if self._buf:
+                    raise ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes)")
+                return []
+            self._buf += data
+            # TLS hands out at most one 16 KiB record per read: a 1 MiB frame takes 64 reads,
+            # so only look at the buffer once the awaited frame is complete.
+            if len(self._buf) >= self._need:
+                self._parse()
+
+    def _parse(self) -> None:
+        pos, end = 0, len(self._buf)
+        self._need = 4
+        try:
+            with memoryview(self._buf) as view:
+                while end - pos >= 4:
+                    size = 4 + frame_length(bytes(view[pos:pos + 4]))
+                    if end - pos < size:
+                        self._need = size
+                        break
+                    self._pending.append(decode(bytes(view[pos + 4:pos + size])))
+                    pos += size
+        except ProtocolError as e:
+            self._error = e  # raised once the frames before it are consumed
+            pos = end  # nothing after a bad frame can be trusted
+        del self._buf[:pos]
+
+
+def _describe(exc: BaseException) -> str:
+    """The useful sentence of a stream error: trio wraps the ssl/OS error as __cause__."""
+    cause = exc.__cause__ or exc
+    text = str(cause) or type(cause).__name__
+    return text if isinstance(cause, ProtocolError) else f"{type(cause).__name__}: {text}"
+
+
+def _tune_socket(stream: trio.abc.Stream) -> None:
+    transport = getattr(stream, "transport_stream", stream)
+    if not isinstance(transport, trio.SocketStream):
+        return
+    transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)  # acks are tiny
+    transport.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
+    transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+    transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    # Closing a dead stream: nothing left to tell the peer.
+    with (trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S),
+          contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+        await stream.aclose()
+
+
+# ------------------------------------------------------------------------------- primary side
+
+class ReplicaSender:
+    """The primary's end of one module's replication stream.
+
+    Usage (inside the replication trio loop)::
+
+        sender = ReplicaSender(node=..., peer=..., module=..., generation=..., host=...,
+                               port=..., ssl_context=tls.client_context(pki, node, peer),
+                               on_broken=...)
+        peer_hello = await sender.connect()   # ReplicaBroken if refused/unreachable
+        nursery.start_soon(sender.run)        # until broken or aclose(); never raises
+        await sender.submit(op)
+
+    A sender is used for one connection: after it broke, make a new one (and resynchronise:
+    ops not covered by an ack are in `unacked_ops()`).
+    """
+
+    def __init__(
+        self, *, node: str, peer: str, module: str, host: str, port: int,
+        ssl_context: ssl.SSLContext, generation: int = 0, first_seq: int = 1,
+        window_bytes: int = DEFAULT_WINDOW_BYTES, ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        on_broken: Callable[[str], None] | None = None,
+    ) -> None:
+        if first_seq < 1:
+            raise ValueError("first_seq must be at least 1")
+        self.node, self.peer, self.module = node, peer, module
+        self._host, self._port, self._ssl_context = host, port, ssl_context
+        self._generation = generation
+        self._window = window_bytes
+        self._ack_timeout = ack_timeout_s
+        self._connect_timeout = connect_timeout_s
+        self._on_broken = on_broken
+        self._stream: trio.SSLStream[trio.SocketStream] | None = None
+        self._reader: _FrameReader | None = None
+        self._send_q, self._recv_q = trio.open_memory_channel[bytes](float("inf"))
+        self._admission = trio.Lock()  # FIFO: seq order is the order submit() was called
+        self._changed = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._broken: str | None = None
+        self._nack: Nack | None = None
+        self._next_seq = first_seq
+        self._acked_seq = first_seq - 1
+        self._durable_seq = first_seq - 1
+        self._max_durable_seq = first_seq - 1
+        self._in_flight: deque[tuple[Op, float]] = deque()  # (op with seq, time admitted)
+        self._in_flight_bytes = 0
+        self._last_progress = time.monotonic()
+        self.submitted_ops = 0
+        self.submitted_bytes = 0
+
+    # -- connection
+
+    async def connect(self) -> dict[str, Any]:
+        """Open the TLS session and exchange HELLOs; returns the secondary's HELLO.
+        Raises ReplicaBroken when the peer is unreachable, not who it should be, or refuses."""
+        if self._stream is not None:
+            raise RuntimeError("ReplicaSender.connect() called twice")
+        where = f"{self.peer} at {self._host}:{self._port}"
+        tcp: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(self._connect_timeout):
+                tcp = await trio.open_tcp_stream(self._host, self._port)
+                _tune_socket(tcp)
+                stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=self.peer)
+                await stream.do_handshake()
+                await stream.send_all(encode(Hello({
+                    "protocol": PROTOCOL_VERSION, "node": self.node, "module": self.module,
+                    "generation": self._generation, "first_seq": self._next_seq})))
+                reader = _FrameReader(stream)
+                reply = await reader.batch()
+        except trio.TooSlowError:
+            await self._discard(tcp)
+            raise ReplicaBroken(f"no replication session with {where} within "
+                                f"{self._connect_timeout:g} s") from None
+        except (OSError, trio.BrokenResourceError, ProtocolError) as e:
+            await self._discard(tcp)
+            raise ReplicaBroken(f"cannot open replication to {where}: {_describe(e)}") from None
+        match reply[:1]:
+            case [Hello(info)]:
+                self._stream, self._reader = stream, reader
+                if reply[1:]:
+                    await self._discard(tcp)
+                    raise ReplicaBroken(f"{where} sent frames before any op")
+                return dict(info)
+            case [Nack(message=message)]:
+                reason = f"{where} refused the replication connection: {message}"
+            case []:
+                # TLS 1.3: a refused client certificate shows up as the session ending here.
+                reason = f"{where} closed the replication connection during the greeting"
+            case _:
+                reason = f"{where} answered the greeting with {type(reply[0]).__name__}"
+        await self._discard(tcp)
+        raise ReplicaBroken(reason)
+
+    async def _discard(self, tcp: trio.SocketStream | None) -> None:
+        if tcp is not None:
+            await _close_quietly(tcp)
+
+    async def run(self) -> None:
+        """Pump ops out and acks in until broken or closed. Never raises (except Cancelled):
+        failures go to on_broken and to the waiting submitters."""
+        if self._stream is None:
+            raise RuntimeError("ReplicaSender.run() before a successful connect()")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self._broken is None:
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._ack_reader)
+                    nursery.start_soon(self._watchdog)
+        finally:
+            self._break(f"replication to {self.peer} stopped", failure=False)
+            await _close_quietly(self._stream)
+
+    async def aclose(self) -> None:
+        """Stop on purpose: waiting submitters get ReplicaBroken, on_broken is not called."""
+        self._break(f"replication to {self.peer} was closed", failure=False)
+        if self._stream is not None and self._scope is None:  # else run() closes it
+            await _close_quietly(self._stream)
+
+    # -- submitting
+
+    async def submit(self, op: Op) -> None:
+        """Send `op` (its seq is assigned here); see the module docstring for when this returns.
+        Raises ReplicaBroken, or ProtocolError for an op that cannot be encoded (not sent)."""
+        self._raise_if_broken()
+        if self._stream is None:
+            raise ReplicaBroken(f"replication to {self.peer} is not connected")
+        size = op.size
+        if self._admission.locked() or not self._fits(size):
+            # Wait for room, in line behind earlier submitters (trio.Lock is FIFO).
+            async with self._admission:
+                while not self._fits(size):
+                    self._raise_if_broken()
+                    await self._changed.wait()
+                self._raise_if_broken()
+                seq = self._admit(op)
+        else:
+            # Room and nobody waiting: admitted without yielding, so a burst of submits is
+            # queued before the writer runs and leaves in a few large TLS writes.
+            seq = self._admit(op)
+        if op.durable:
+            while self._durable_seq < seq:
+                self._raise_if_broken()
+                await self._changed.wait()
+
+    def _fits(self, size: int) -> bool:
+        # An op larger than the window goes alone: it must not wait forever.
+        return not self._in_flight_bytes or self._in_flight_bytes + size <= self._window
+
+    def _admit(self, op: Op) -> int:
+        """Number, encode and queue `op` (no await: the seq order is the queue order)."""
+        seq = self._next_seq
+        op = replace(op, seq=seq)
+        frame = encode(op)  # raises before the seq is consumed
+        self._next_seq += 1
+        now = time.monotonic()
+        idle = not self._outstanding()
+        self._in_flight.append((op, now))
+        self._in_flight_bytes += op.size
+        if op.durable:
+            self._max_durable_seq = seq
+        self.submitted_ops += 1
+        self.submitted_bytes += op.size
+        self._send_q.send_nowait(frame)
+        if idle:
+            self._last_progress = now  # the ack timeout counts from the first op in flight
+            self._notify()  # wakes the watchdog
+        return seq
+
+    # -- state for the manager (may be read from another thread: plain reads only)
+
+    def lag(self) -> Lag:
+        try:
+            oldest = self._in_flight[0][1]
+        except IndexError:
+            return Lag(0, 0, 0.0)
+        return Lag(self._in_flight_bytes, len(self._in_flight),
+                   max(0.0, time.monotonic() - oldest))
+
+    @property
+    def broken(self) -> str | None:
+        """Why the sender is unusable, or None while it works."""
+        return self._broken
+
+    @property
+    def nack(self) -> Nack | None:
+        """The secondary's refusal, if that is what broke the stream: its copy then ends just
+        before nack.seq, whatever was acknowledged (full resync territory)."""
+        return self._nack
+
+    @property
+    def acked_seq(self) -> int:
+        return self._acked_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable_seq
+
+    def unacked_ops(self) -> list[Op]:
+        """Ops no ack covers (in seq order): after a break, the primary must record them in its
+        dirty-zone journal. Some may have reached the secondary; re-copying them is harmless."""
+        return [op for op, _ in self._in_flight]
+
+    # -- tasks
+
+    async def _writer(self) -> None:
+        assert self._stream is not None
+        try:
+            async for frame in self._recv_q:
+                parts, size = [frame], len(frame)
+                while size < SEND_BATCH_BYTES:
+                    try:
+                        more = self._recv_q.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    parts.append(more)
+                    size += len(more)
+                await self._stream.send_all(frame if len(parts) == 1 else b"".join(parts))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._break(f"replication stream to {self.peer} broke while sending: {_describe(e)}")
+
+    async def _ack_reader(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                frames = await self._reader.batch()
+                if not frames:
+                    self._break(f"{self.peer} closed the replication stream")
+                    return
+                for frame in frames:
+                    self._on_frame(frame)
+                    if self._broken is not None:
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError) as e:
+            self._break(f"replication stream from {self.peer} broke: {_describe(e)}")
+
+    def _on_frame(self, frame: Frame) -> None:
+        match frame:
+            case Ack(seq, durable):
+                if seq >= self._next_seq:
+                    raise ProtocolError(f"ack of seq {seq}, never sent")
+                self._on_ack(seq, durable)
+            case Nack(seq, err, message):
+                self._nack = frame
+                name = errno.errorcode.get(err, str(err))
+                self._break(f"{self.peer} refused op {seq} ({name}): {message}")
+            case _:
+                raise ProtocolError(f"unexpected {type(frame).__name__} frame from {self.peer}")
+
+    def _on_ack(self, seq: int, durable: bool) -> None:
+        progressed = False
+        if seq > self._acked_seq:
+            self._acked_seq = seq
+            while self._in_flight and self._in_flight[0][0].seq <= seq:
+                op, _ = self._in_flight.popleft()
+                self._in_flight_bytes -= op.size
+            progressed = True
+        if durable and seq > self._durable_seq:
+            self._durable_seq = seq
+            progressed = True
+        if progressed:
+            self._last_progress = time.monotonic()
+            self._notify()
+
+    async def _watchdog(self) -> None:
+        while self._broken is None:
+            if not self._outstanding():
+                await self._changed.wait()
+                continue
+            idle = time.monotonic() - self._last_progress
+            if idle >= self._ack_timeout:
+                lag = self.lag()
+                self._break(
+                    f"no acknowledgement from {self.peer} for {idle:.1f} s with {lag.ops} ops "
+                    f"({lag.bytes} bytes) outstanding (ack timeout {self._ack_timeout:g} s)")
+                return
+            await trio.sleep(self._ack_timeout - idle)
+
+    # -- state changes
+
+    def _outstanding(self) -> bool:
+        return bool(self._in_flight) or self._durable_seq < self._max_durable_seq
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _raise_if_broken(self) -> None:
+        if self._broken is not None:
+            raise ReplicaBroken(self._broken)
+
+    def _break(self, reason: str, *, failure: bool = True) -> None:
+        if self._broken is not None:
+            return
+        self._broken = reason
+        self._send_q.close()
+        if self._scope is not None:
+            self._scope.cancel()
+        self._notify()
+        if not failure:
+            log.info("%s", reason)
+            return
+        log.warning("replication broken: %s", reason)
+        if self._on_broken is not None:
+            try:
+                self._on_broken(reason)
+            except Exception:
+                log.exception("replication on_broken callback failed")
+
+
+# ----------------------------------------------------------------------------- secondary side
+
+class _ApplyQueue:
+    """Ops received and not yet applied, bounded in bytes: one reader puts, one applier takes."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[Op] = deque()
+        self._bytes = 0
+        self._limit = limit
+        self._closed = False
+        self._changed = trio.Event()
+
+    async def put(self, op: Op) -> None:
+        while self._bytes and self._bytes + op.size > self._limit:
+            await self._changed.wait()
+        self._items.append(op)
+        self._bytes += op.size
+        self._wake()
+
+    async def take(self) -> list[Op]:
+        """The ops available now, ending early after a durable op (acked as soon as done);
+        [] once closed and empty."""
+        while not self._items:
+            if self._closed:
+                return []
+            await self._changed.wait()
+        batch: list[Op] = []
+        size = 0
+        while self._items and len(batch) < APPLY_BATCH_OPS:
+            op = self._items[0]
+            if batch and size + op.size > APPLY_BATCH_BYTES:
+                break
+            batch.append(self._items.popleft())
+            size += op.size
+            if op.durable:
+                break
+        self._bytes -= size
+        self._wake()
+        return batch
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def discard(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+        self.close()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class _Session:
+    """State of one primary's connection, shared by its reader, applier and acker tasks."""
+
+    def __init__(self, node: str, first_seq: int) -> None:
+        self.node = node
+        self.received_seq = first_seq - 1
+        self.applied_seq = first_seq - 1
+        self.ack_seq = first_seq - 1  # what Ack(durable=False) may claim
+        self.durable_seq = first_seq - 1
+        self.nack: Nack | None = None
+        self.stop_reason = ""
+        self.read_scope = trio.CancelScope()
+        self.applied_all = trio.Event()
+        self.finished = False
+        self.flushed = trio.Event()
+        self.changed = trio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def stop(self, reason: str) -> None:
+        """Stop reading (what was received is still applied)."""
+        if not self.stop_reason:
+            self.stop_reason = reason
+        self.read_scope.cancel()
+
+
+class ReplicaReceiver:
+    """The secondary's end: serves one primary at a time and applies its ops in order."""
+
+    def __init__(
+        self, applier: ApplierLike, *, node: str, async_mode: str = "second",
+        on_event: Callable[[ReceiverEvent], None] | None = None, module: str | None = None,
+        expected_peer: str | None = None,
+        check_hello: Callable[[str, Mapping[str, Any]], str | None] | None = None,
+        apply_queue_bytes: int = DEFAULT_APPLY_QUEUE_BYTES,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        if async_mode not in ASYNC_MODES:
+            raise ValueError(f"async mode {async_mode!r} is not one of {', '.join(ASYNC_MODES)}")
+        self._applier = applier
+        self.node = node
+        self.async_mode = async_mode
+        self._on_event = on_event
+        self._module = module
+        self._expected_peer = expected_peer
+        self._check_hello = check_hello
+        self._queue_limit = apply_queue_bytes
+        self._handshake_timeout = handshake_timeout_s
+        self._session_lock = trio.Lock()
+        self._current: _Session | None = None
+        self._latest: object | None = None
+        self._pending_handshakes = 0
+        self.last_applied_seq = 0
+        self._counters = dict.fromkeys(
+            ("frames", "bytes", "applied", "rejected", "connections", "refused_connections"), 0)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """frames/bytes received, ops applied, ops rejected, sessions, refused connections."""
+        return dict(self._counters)
+
+    @property
+    def peer(self) -> str | None:
+        """The node whose session is being served, if any."""
+        return self._current.node if self._current is not None else None
+
+    async def serve(self, listener: trio.abc.Listener[trio.SSLStream[trio.SocketStream]], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until cancelled (`await nursery.start(receiver.serve, listener)`)."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as e:  # EMFILE and friends: keep serving
+                    log.error("replication listener accept failed: %s", e)
+                    await trio.sleep(0.1)  # back off instead of spinning on a persistent error
+                    continue
+                if self._pending_handshakes >= MAX_PENDING_HANDSHAKES:
+                    self._refused(_address(stream), "too many connections being authenticated")
+                    await _close_quietly(stream.transport_stream)
+                    continue
+                nursery.start_soon(self._connection, stream)
+
+    # -- one connection
+
+    async def _connection(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        try:
+            await self._handle(stream)
+        except Exception:
+            # One connection's failure must not take the receiver (and the daemon's
+            # replication loop) down with it.
+            log.exception("replication connection from %s failed", _address(stream))
+        finally:
+            await _close_quietly(stream)
+
+    async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        address = _address(stream)
+        self._pending_handshakes += 1
+        try:
+            greeting = await self._greet(stream, address)
+        finally:
+            self._pending_handshakes -= 1
+        if greeting is None:
+            return
+        node, hello, reader = greeting
+        session = _Session(node, int(hello.get("first_seq", 1)))
+        # The newest authenticated connection wins: stop reading the current one, and let a
+        # connection still waiting for the lock know it is superseded.
+        if self._current is not None:
+            self._current.stop(f"replaced by a new connection from {node} ({address})")
+        token = self._latest = object()
+        async with self._session_lock:
+            if self._latest is not token:
+                log.info("replication connection from %s (%s) superseded before it started",
+                         node, address)
+                return
+            self._current = session
+            self.last_applied_seq = session.applied_seq
+            self._counters["connections"] += 1
+            try:
+                await self._serve_session(stream, reader, session, hello)
+            finally:
+                self._current = None
+
+    async def _greet(self, stream: trio.SSLStream[trio.SocketStream], address: str
+                     ) -> tuple[str, dict[str, Any], _FrameReader] | None:
+        """TLS handshake (certificate from the cluster CA) and the primary's HELLO."""
+        try:
+            with trio.fail_after(self._handshake_timeout):
+                _tune_socket(stream)
+                await stream.do_handshake()
+                node = tls.peer_node_name(stream.getpeercert())
+                reader = _FrameReader(stream)
+                frames = await reader.batch()
+        except trio.TooSlowError:
+            self._refused(address, f"no TLS session and HELLO within {self._handshake_timeout:g} s")
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProtocolError,
+                tls.TlsError) as e:
+            self._refused(address, _describe(e))
+            return None
+        if not frames or not isinstance(frames[0], Hello) or len(frames) > 1:
+            self._refused(address, f"{node} must send one HELLO and wait for the reply")
+            return None
+        hello = frames[0].info
+        refusal = self._judge_hello(node, hello)
+        if refusal is not None:
+            self._refused(address, refusal)
+            with trio.move_on_after(FLUSH_TIMEOUT_S):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(encode(Nack(0, errno.EPERM, refusal)))
+            return None
+        return node, hello, reader
+
+    def _judge_hello(self, node: str, hello: Mapping[str, Any]) -> str | None:
+        if self._expected_peer is not None and node != self._expected_peer:
+            return f"certificate of {node!r}, expected the peer {self._expected_peer!r}"
+        if hello.get("node") != node:
+            return f"HELLO claims node {hello.get('node')!r} but the certificate is {node!r}"
+        if self._module is not None and hello.get("module") != self._module:
+            return f"HELLO for module {hello.get('module')!r}, this is {self._module!r}"
+        first = hello.get("first_seq", 1)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 1:
+            return f"HELLO with invalid first_seq {first!r}"
+        if self._check_hello is not None:
+            return self._check_hello(node, hello)
+        return None
+
+    async def _serve_session(self, stream: trio.SSLStream[trio.SocketStream],
+                             reader: _FrameReader, session: _Session,
+                             hello: Mapping[str, Any]) -> None:
+        try:
+            await stream.send_all(encode(Hello({
+                "protocol": PROTOCOL_VERSION, "node": self.node, "module": self._module,
+                "async": self.async_mode, "accepted": True})))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.warning("replication connection from %s lost before it started: %s",
+                        session.node, _describe(e))
+            return
+        log.info("replication session from %s started (%s)", session.node, dict(hello))
+        self._emit(PeerConnected(session.node, dict(hello)))
+        queue = _ApplyQueue(self._queue_limit)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._apply_loop, session, queue)
+                nursery.start_soon(self._ack_loop, session, stream)
+                try:
+                    with session.read_scope:
+                        await self._read_loop(session, reader, queue)
+                finally:
+                    queue.close()  # what was received is applied before the session ends
+                with trio.CancelScope(shield=True):
+                    await session.applied_all.wait()
+                session.finished = True
+                session.notify()
+                with trio.move_on_after(FLUSH_TIMEOUT_S):
+                    await session.flushed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            reason = session.stop_reason or "session ended"
+            log.info("replication session from %s ended: %s (applied up to seq %d)",
+                     session.node, reason, session.applied_seq)
+            self._emit(PeerDisconnected(session.node, reason, session.applied_seq))
+
+    async def _read_loop(self, session: _Session, reader: _FrameReader,
+                         queue: _ApplyQueue) -> None:
+        try:
+            while True:
+                frames = await reader.batch()
+                if not frames:
+                    session.stop(f"{session.node} closed the connection")
+                    return
+                for frame in frames:
+                    await self._receive(session, frame, queue)
+                if self.async_mode == "second":
+                    session.ack_seq = session.received_seq
+                    session.notify()
+        except ProtocolError as e:
+            self._refuse(session, Nack(session.received_seq + 1, errno.EPROTO, str(e)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            session.stop(f"connection from {session.node} lost: {_describe(e)}")
+
+    async def _receive(self, session: _Session, frame: Frame, queue: _ApplyQueue) -> None:
+        if not isinstance(frame, Op):
+            raise ProtocolError(f"unexpected {type(frame).__name__} frame from the primary")
+        if frame.seq != session.received_seq + 1:
+            raise ProtocolError(f"op seq {frame.seq} where {session.received_seq + 1} was due")
+        self._counters["frames"] += 1
+        self._counters["bytes"] += frame.size
+        await queue.put(frame)
+        session.received_seq = frame.seq
+
+    async def _apply_loop(self, session: _Session, queue: _ApplyQueue) -> None:
+        # Shielded: an op acknowledged on receipt must be applied even when the session or
+        # the whole receiver is being cancelled; the queue is bounded, so is the drain.
+        with trio.CancelScope(shield=True):
+            try:
+                while True:
+                    batch = await queue.take()
+                    if not batch:
+                        return
+                    done, error = await trio.to_thread.run_sync(self._apply_batch, batch)
+                    if done:
+                        self._applied(session, batch[done - 1], done)
+                    if error is not None:
+                        queue.discard()  # nothing after a refused op may be applied
+                        self._refuse(session, _nack_for(batch[done], error))
+                        return
+            finally:
+                session.applied_all.set()
+                session.notify()
+
+    def _apply_batch(self, batch: list[Op]) -> tuple[int, Exception | None]:
+        """In a worker thread: apply in order, stop at the first failure (index, error)."""
+        for i, op in enumerate(batch):
+            try:
+                if op.kind == OpKind.FSYNC:
+                    self._applier.fsync(op.root, op.path, bool(op.flags & 1))
+                elif op.kind == OpKind.SYNC:
+                    self._applier.sync()
+                else:
+                    self._applier.apply(op)
+            except Exception as e:
+                return i, e
+        return len(batch), None
+
+    def _applied(self, session: _Session, last: Op, count: int) -> None:
+        session.applied_seq = self.last_applied_seq = last.seq
+        self._counters["applied"] += count
+        if last.durable:  # a batch ends right after its durable op
+            session.durable_seq = last.seq
+        if self.async_mode == "none":
+            session.ack_seq = last.seq
+        session.notify()
+
+    def _refuse(self, session: _Session, nack: Nack) -> None:
+        self._counters["rejected"] += 1
+        session.nack = nack
+        name = errno.errorcode.get(nack.errno, str(nack.errno))
+        log.error("replication op %d from %s refused (%s): %s", nack.seq, session.node, name,
+                  nack.message)
+        session.stop(f"op {nack.seq} refused ({name}): {nack.message}")
+        session.notify()
+        self._emit(OpRefused(session.node, nack.seq, nack.errno, nack.message))
+
+    async def _ack_loop(self, session: _Session, stream: trio.SSLStream[trio.SocketStream]
+                        ) -> None:
+        """The only task writing to the stream after the greeting: coalesces the state into
+        at most one durable Ack, one Ack and the NACK per round."""
+        sent_ack = sent_durable = session.ack_seq
+        nack_sent = False
+        try:
+            while True:
+                parts = []
+                if session.durable_seq > sent_durable:
+                    sent_durable = session.durable_seq
+                    sent_ack = max(sent_ack, sent_durable)
+                    parts.append(encode(Ack(sent_durable, True)))
+                if session.ack_seq > sent_ack:
+                    sent_ack = session.ack_seq
+                    parts.append(encode(Ack(sent_ack, False)))
+                # The NACK last, once the ops before the refused one are applied and acked.
+                if session.nack is not None and not nack_sent and session.applied_all.is_set():
+                    nack_sent = True
+                    parts.append(encode(session.nack))
+                if parts:
+                    await stream.send_all(b"".join(parts))
+                    continue
+                if session.finished:
+                    session.flushed.set()
+                await session.changed.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            session.stop(f"connection to {session.node} lost: {_describe(e)}")
+            session.flushed.set()
+
+    # -- events
+
+    def _refused(self, address: str, reason: str) -> None:
+        self._counters["refused_connections"] += 1
+        log.warning("replication connection from %s refused: %s", address, reason)
+        self._emit(ConnectionRefused(address, reason))
+
+    def _emit(self, event: ReceiverEvent) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("replication on_event callback failed")
+
+
+def _nack_for(op: Op, error: Exception) -> Nack:
+    code = getattr(error, "errno", None)
+    if not isinstance(code, int) or not 0 < code < 65536:
+        # A confinement refusal has no errno of its own; anything else is a bug in the applier.
+        code = errno.EPERM if isinstance(error, MirrorhaError) else errno.EIO
+        if not isinstance(error, MirrorhaError):
+            log.error("applier failed on op %d", op.seq, exc_info=error)
+    return Nack(op.seq, code, f"{op.kind.name} {op.path!r}: {error}")
+
+
+def _address(stream: trio.SSLStream[trio.SocketStream]) -> str:
+    transport = getattr(stream, "transport_stream", None)
+    try:
+        host, port = transport.socket.getpeername()[:2]  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        return "?"
+    return f"{host}:{port}"
+
+
+async def open_receiver_listener(host: str, port: int, ssl_context: ssl.SSLContext
+                                 ) -> trio.SSLListener[trio.SocketStream]:
+    """Listen on host:port (0: an ephemeral port, see `listener_port`) for primaries."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    if len(listeners) != 1:
+        for extra in listeners:
+            await extra.aclose()
+        raise OSError(f"{host}:{port} resolves to {len(listeners)} addresses, expected one")
+    return trio.SSLListener(listeners[0], ssl_context, https_compatible=False)
+
+
+def listener_port(listener: trio.SSLListener[trio.SocketStream]) -> int:
+    transport = listener.transport_listener
+    assert isinstance(transport, trio.SocketListener)
+    return int(transport.socket.getsockname()[1])
+
+
+async def serve_receiver(listener: trio.abc.Listener[trio.SSLStream[trio.SocketStream]],
+                         applier: ApplierLike, *, node: str, async_mode: str = "second",
+                         on_event: Callable[[ReceiverEvent], None] | None = None,
+                         **options: Any) -> None:
+    """Shorthand for `ReplicaReceiver(...).serve(listener)` when nobody reads its counters."""
+    await ReplicaReceiver(applier, node=node, async_mode=async_mode, on_event=on_event,
+                          **options).serve(listener)
