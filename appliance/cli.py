@@ -123,26 +123,32 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_init(args: argparse.Namespace) -> int:
-    from appliance.keys import create_cluster_key
+    from appliance.config import load_cluster
+    from appliance.keys import init_cluster
     paths = _paths(args)
-    create_cluster_key(paths.cluster_key, force=args.force)
-    print(f"cluster key created in {paths.cluster_key}. Install it on the peer: "
-          "`mirrorha cluster export > key` here, then `mirrorha cluster import key` there.")
+    if args.nodes:
+        nodes = args.nodes.split(",")
+    else:
+        nodes = [n.name for n in load_cluster(paths.cluster_xml).nodes]
+    init_cluster(paths, nodes, force=args.force)
+    print(f"cluster key, CA and certificates for {', '.join(nodes)} created in {paths.home}. "
+          "Install them on the peer: `mirrorha cluster export PEER > bundle` here, copy the "
+          "file, then `mirrorha cluster import bundle` there.")
     return 0
 
 
 def cmd_cluster_export(args: argparse.Namespace) -> int:
-    from appliance.keys import load_cluster_key
-    print(load_cluster_key(_paths(args).cluster_key).hex())
+    from appliance.keys import export_bundle
+    print(export_bundle(_paths(args), args.peer))
     return 0
 
 
 def cmd_cluster_import(args: argparse.Namespace) -> int:
-    from appliance.keys import write_cluster_key
+    from appliance.keys import import_bundle
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-    path = _paths(args).cluster_key
-    write_cluster_key(path, text)
-    print(f"cluster key installed in {path}")
+    paths = _paths(args)
+    import_bundle(paths, text, args.file)
+    print(f"cluster key and certificates installed in {paths.home}")
     return 0
 
 
@@ -280,11 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("cluster", help="cluster key")
     cl_sub = cl.add_subparsers(dest="cluster_cmd", required=True)
-    init = cl_sub.add_parser("init", help="create the cluster key (once, on one node)")
+    init = cl_sub.add_parser("init", help="create the cluster key, CA and node certificates "
+                                          "(once, on one node)")
     init.add_argument("--force", action="store_true")
+    init.add_argument("--nodes", help="node names, comma-separated (default: from cluster.xml)")
     init.set_defaults(func=cmd_cluster_init)
-    cl_sub.add_parser("export", help="print the key (to install on the peer)").set_defaults(
-        func=cmd_cluster_export)
+    exp = cl_sub.add_parser("export", help="print what the peer needs (key, certificates)")
+    exp.add_argument("peer", help="the peer's node name")
+    exp.set_defaults(func=cmd_cluster_export)
     imp = cl_sub.add_parser("import", help="install the key exported on the peer")
     imp.add_argument("file", help="file holding the key, or - for stdin")
     imp.set_defaults(func=cmd_cluster_import)

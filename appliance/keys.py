@@ -7,11 +7,14 @@ to start: running unauthenticated would let anyone on the network steer the clus
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.errors import MirrorhaError
+from appliance.paths import Paths
 
 KEY_BYTES = 32
 
@@ -61,3 +64,44 @@ def load_cluster_key(path: Path) -> bytes:
             "`mirrorha cluster export` there and `mirrorha cluster import` on the other."
         ) from None
     return parse_key(text, str(path))
+
+
+def init_cluster(paths: Paths, nodes: Sequence[str], *, force: bool = False) -> None:
+    """Everything the two nodes share, created once on one node: the heartbeat key, the cluster
+    CA and a certificate for each node."""
+    from appliance.replication.tls import create_cluster_ca, issue_node_cert
+    create_cluster_key(paths.cluster_key, force=force)
+    if not (paths.pki_dir / "ca.pem").exists():
+        create_cluster_ca(paths.pki_dir)
+    for node in nodes:
+        issue_node_cert(paths.pki_dir, node)
+
+
+def export_bundle(paths: Paths, peer: str) -> str:
+    """What the peer needs, as one text to copy: the key, the CA certificate (not its private
+    key) and the peer's own certificate and key."""
+    files = {name: (paths.pki_dir / name).read_text()
+             for name in ("ca.pem", f"{peer}.pem", f"{peer}.key")
+             if (paths.pki_dir / name).exists()}
+    return json.dumps({"cluster_key": load_cluster_key(paths.cluster_key).hex(), "pki": files})
+
+
+def import_bundle(paths: Paths, text: str, origin: str) -> None:
+    """Install a bundle made by `export_bundle` (or a bare hexadecimal key)."""
+    try:
+        bundle = json.loads(text)
+    except ValueError:
+        write_cluster_key(paths.cluster_key, text)
+        return
+    if not isinstance(bundle, dict) or "cluster_key" not in bundle:
+        raise KeyError_(f"{origin}: not a mirrorha cluster bundle")
+    write_cluster_key(paths.cluster_key, str(bundle["cluster_key"]))
+    paths.pki_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in dict(bundle.get("pki", {})).items():
+        if "/" in name or name.startswith(".") or not name.endswith((".pem", ".key")):
+            raise KeyError_(f"{origin}: unexpected file name {name!r} in the bundle")
+        target = paths.pki_dir / name
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                     0o600 if name.endswith(".key") else 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(content))

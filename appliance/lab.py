@@ -56,7 +56,7 @@ from typing import Any
 
 import appliance
 from appliance.errors import MirrorhaError
-from appliance.keys import create_cluster_key, write_cluster_key
+from appliance.keys import export_bundle, import_bundle, init_cluster
 from appliance.paths import Paths
 from appliance.waiting import wait_until
 
@@ -792,11 +792,13 @@ class Lab:
             start_prim = start_prim_script(self.python, self.settings.app_port)
             _write_script(paths.bin_dir / "start_prim", start_prim)
             _write_script(paths.bin_dir / "stop_prim", stop_prim_script())
-        # The documented install step: create the key on one node, copy it to the other.
-        first, *others = (self.node_paths(n) for n in self.NODES)
-        create_cluster_key(first.cluster_key)
-        for paths in others:
-            write_cluster_key(paths.cluster_key, first.cluster_key.read_text())
+        # The documented install step: `cluster init` on one node, its export for the other
+        # imported there.
+        first_node, *other_nodes = self.NODES
+        first = self.node_paths(first_node)
+        init_cluster(first, self.NODES)
+        for node in other_nodes:
+            import_bundle(self.node_paths(node), export_bundle(first, node), "lab")
 
     # -- node containers -----------------------------------------------------------------------
 

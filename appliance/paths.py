@@ -21,6 +21,7 @@ class Paths:
 
     home/cluster.xml            node names and addresses per heartbeat network
     home/cluster.key            shared secret authenticating the peers (mode 0600)
+    home/pki/                   cluster CA and node certificates (replication over mutual TLS)
     home/MODULE/conf/userconfig.xml
     home/MODULE/bin/start_prim, stop_prim
     home/MODULE/log/module.log, application.log
@@ -42,6 +43,11 @@ class Paths:
     @property
     def cluster_key(self) -> Path:
         return self.home / "cluster.key"
+
+    @property
+    def pki_dir(self) -> Path:
+        """Cluster CA and node certificates for the replication channel (mutual TLS)."""
+        return self.home / "pki"
 
     @property
     def module_dir(self) -> Path:

@@ -70,21 +70,27 @@ def test_daemon_without_the_cluster_key_refuses_to_start(tmp_path: Path) -> None
     assert not (tmp_path / "mirror" / "control.sock").exists()
 
 
-def test_cluster_key_init_export_import_round_trip(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cluster_init_export_import_installs_key_and_certificates_on_the_peer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     monkeypatch.setenv("MIRRORHA_HOME", str(a))
-    assert main(["cluster", "init"]) == 0
+    assert main(["cluster", "init", "--nodes", "node1,node2"]) == 0
     assert (a / "cluster.key").stat().st_mode & 0o777 == 0o600
-    assert main(["cluster", "init"]) == 1  # never silently replaced
+    assert main(["cluster", "init", "--nodes", "node1,node2"]) == 1  # never silently replaced
     capsys.readouterr()
-    assert main(["cluster", "export"]) == 0
-    exported = tmp_path / "key"
+    assert main(["cluster", "export", "node2"]) == 0
+    exported = tmp_path / "bundle"
     exported.write_text(capsys.readouterr().out)
     monkeypatch.setenv("MIRRORHA_HOME", str(b))
     assert main(["cluster", "import", str(exported)]) == 0
     assert (a / "cluster.key").read_text() == (b / "cluster.key").read_text()
+    assert sorted(p.name for p in (b / "pki").iterdir()) == ["ca.pem", "node2.key", "node2.pem"]
+    assert (b / "pki" / "node2.key").stat().st_mode & 0o777 == 0o600
+    # The peer can now talk TLS to this node: its certificate chains to the same CA.
+    from appliance.replication.tls import client_context, server_context
+    server_context(a / "pki", "node1")
+    client_context(b / "pki", "node2", "node1")
 
 
 def test_boot_on_writes_a_unit_that_starts_the_module_and_off_removes_it(
