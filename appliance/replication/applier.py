@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -113,6 +114,8 @@ class Applier:
             OpKind.FSYNC: self._fsync_op,
             OpKind.FALLOCATE: self._fallocate,
             OpKind.SYNC: lambda op: self._sync(),
+            OpKind.RESET: self._reset,
+            OpKind.RESYNC_DONE: lambda op: None,  # a marker for whoever drives the applier
         }
 
     # -- public ---------------------------------------------------------------------------------
@@ -154,6 +157,29 @@ class Applier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- full resync ----------------------------------------------------------------------------
+
+    def _reset(self, op: Op) -> None:
+        """Move everything in the root into `<root>.mirrorha-aside/<seq>-<time>/`, a sibling on
+        the same filesystem (a rename, no copy): the data this node held before a full resync
+        is kept for the operator, never deleted."""
+        root_fd = self._root_fd(op.root)
+        for key in [k for k in self._files if k[0] == op.root]:
+            os.close(self._files.pop(key))
+        root = self._roots[op.root]
+        aside_parent = root.parent / f"{root.name}.mirrorha-aside"
+        aside_parent.mkdir(mode=0o700, exist_ok=True)
+        aside = aside_parent / f"{op.seq:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(mode=0o700)
+        aside_fd = os.open(aside, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in os.listdir(root_fd):
+                os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=aside_fd)
+        finally:
+            os.close(aside_fd)
+        if not os.listdir(aside):
+            os.rmdir(aside)  # nothing was there: no empty folder to puzzle the operator
 
     # -- path resolution ------------------------------------------------------------------------
 

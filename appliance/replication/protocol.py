@@ -50,6 +50,9 @@ class OpKind(IntEnum):
     FSYNC = 12  # flags: 1 = datasync; the secondary fsyncs that file before acking durable
     FALLOCATE = 13  # flags = fallocate mode (incl. punch hole), offset, length
     SYNC = 14  # barrier: ack durable once everything before is on the secondary's disk
+    RESET = 15  # full resync starts: the secondary moves the dir's content aside (kept, not
+    #             deleted: it may be the losing side of a split brain) and starts from empty
+    RESYNC_DONE = 16  # every op of the full resync precedes this one: the secondary is in sync
 
 
 class SetattrField(IntEnum):

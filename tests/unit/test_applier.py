@@ -648,3 +648,21 @@ def test_confinement_error_says_why(applier: Applier) -> None:
     for path, reason in reasons.items():
         with pytest.raises(ConfinementError, match=reason):
             run(applier, OpKind.CREATE, path)
+
+
+def test_reset_keeps_the_previous_content_aside_and_empties_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(b"old")
+    (root / "g").write_bytes(b"older")
+    with Applier([root]) as applier:
+        applier.apply(Op(OpKind.WRITE, 0, "g", seq=1, offset=0, data=b"x"))  # cached fd
+        applier.apply(Op(OpKind.RESET, 0, "", seq=2))
+        assert os.listdir(root) == []
+        applier.apply(Op(OpKind.CREATE, 0, "g", seq=3, mode=0o644))
+        applier.apply(Op(OpKind.WRITE, 0, "g", seq=4, offset=0, data=b"new"))
+        applier.apply(Op(OpKind.RESYNC_DONE, 0, "", seq=5))
+    (aside,) = (tmp_path / "data.mirrorha-aside").iterdir()
+    assert (aside / "d" / "f").read_bytes() == b"old"
+    assert (aside / "g").read_bytes() == b"xlder"
+    assert (root / "g").read_bytes() == b"new"  # the cached fd of the old g was not reused

@@ -197,7 +197,7 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("frame-type-5", b"\x05" + payload(Ack(1, True))[1:]),
     ("frame-type-255", b"\xff"),
     ("op-kind-0", raw_op(kind=0)),
-    ("op-kind-15", raw_op(kind=15)),
+    ("op-kind-17", raw_op(kind=17)),
     ("op-kind-255", raw_op(kind=255)),
     ("op-path-len-beyond-frame", raw_op(path=b"f", n1=200)),
     ("op-path2-len-beyond-frame", raw_op(path2=b"g", n2=2)),
