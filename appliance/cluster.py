@@ -218,6 +218,13 @@ class ResyncFailed:
 
 
 @dataclass(frozen=True)
+class ReplicationLost:
+    """The primary's replication stream broke (no ack in time, secondary I/O error...)."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
 class ProcessCheck:
     name: str
     count: int
@@ -233,7 +240,7 @@ class InterfaceChanged:
 
 
 Event = (
-    CommandEvent | PeerHeard | PeerLost | ResyncDone | ResyncFailed
+    CommandEvent | PeerHeard | PeerLost | ResyncDone | ResyncFailed | ReplicationLost
     | ProcessCheck | InterfaceChanged
 )
 
@@ -364,6 +371,11 @@ def step(view: NodeView, event: Event) -> Decision:
             return _resync_done(view, event)
         case ResyncFailed():
             return _resync_failed(view, event)
+        case ReplicationLost():
+            if view.state is not State.PRIM:
+                return _stay(view)
+            return _alone(view, (), f"replication to {view.policy.peer} broken ({event.detail}); "
+                                    "continuing ALONE, the secondary will resynchronise")
         case ProcessCheck():
             return _process_check(view, event)
         case InterfaceChanged():

@@ -36,6 +36,7 @@ from appliance.errors import ConfigError, MirrorhaError
 from appliance.keys import load_cluster_key
 from appliance.modlog import ModuleLog
 from appliance.paths import Paths
+from appliance.replication.manager import ReplicationService, ReplicationSettings
 from appliance.scripts import ScriptRunner, write_safekit_shim
 from appliance.vip import VipError, VirtualIp
 
@@ -151,6 +152,7 @@ class Daemon:
         self._build_adapters(self.config)
         self.link = self._make_link()
         self.witness = self._make_witness()
+        self.replication = self._make_replication()
 
     # -- adapters --------------------------------------------------------------------------
 
@@ -196,6 +198,28 @@ class Daemon:
             payload=self._payload,
             on_event=self.events.put,
             epoch=next_heartbeat_epoch(self.paths.module_dir / "heartbeat.epoch"))
+
+    def _make_replication(self) -> ReplicationService | None:
+        service = self.config.service
+        if service.rfs is None or not service.rfs.dirs:
+            return None
+        flow = service.heart.flow_network
+        me = self.config.cluster.node(self.node)
+        peer = self.config.cluster.node(self.peer)
+        settings = ReplicationSettings(
+            module=self.paths.module, node=self.node, peer=self.peer,
+            dirs=tuple(Path(str(d.path)) for d in service.rfs.dirs),
+            listen_addr=str(me.addr(flow)), peer_addr=str(peer.addr(flow)),
+            # The replication stream uses the port after the heartbeats' on the flow network.
+            port=service.heart.port + 1, pki_dir=self.paths.pki_dir,
+            control_socket=self.paths.module_dir / "fuse.sock",
+            async_mode=service.rfs.async_mode,
+            # No ack within the heartbeat timeout: the secondary is too slow or gone.
+            ack_timeout_s=service.heart.timeout_ms / 1000)
+        return ReplicationService(settings, post=self.events.put, say=self._say)
+
+    def _say(self, message: str) -> None:
+        self.modlog.info(message, state=self.view.state.value)
 
     def _make_witness(self) -> hb.Witness | None:
         sb = self.config.service.splitbrain
@@ -255,6 +279,7 @@ class Daemon:
             "witness_ok": self.witness_ok(),
             "heartbeat": _jsonable(snap),
             "counters": dict(self.counters),
+            "replication": self.replication.status() if self.replication else None,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
         }
@@ -264,6 +289,8 @@ class Daemon:
                          state=self.view.state.value)
         self._release_leftovers()
         self._stop_leftover_app()
+        if self.replication:
+            self.replication.start()
         if start:
             # Decide WAIT before the first heartbeat: a booting node must never be seen as
             # STOP, or a peer booting at the same moment would start alone without electing.
@@ -277,6 +304,8 @@ class Daemon:
             self.link.stop()
             if self.witness:
                 self.witness.stop()
+            if self.replication:
+                self.replication.stop()
             self.modlog.info("daemon exited", state=self.view.state.value)
         return 0
 
@@ -325,11 +354,32 @@ class Daemon:
                 and event.command is not Command.STOP and not self._take_pending_config()):
             return
         decision = cluster.step(self.view, event)
+        if isinstance(event, cluster.PeerLost) and self.replication:
+            self.replication.peer_gone()
         if decision.refused:
             self.modlog.warning(f"command {event.command} refused: {decision.refused}",  # type: ignore[union-attr]
                                 state=self.view.state.value)
             return
         self._apply(decision)
+        self._drive_replication()
+
+    def _drive_replication(self) -> None:
+        """A primary whose peer is SECOND but not in sync sends it a full copy."""
+        view, repl = self.view, self.replication
+        if (repl is not None and view.state in cluster.SERVING and view.peer is not None
+                and view.peer.state is State.SECOND and not view.peer.in_sync):
+            repl.request_sync()
+
+    def _set_replication_role(self, role: str) -> None:
+        if self.replication is None or self.replication.role == role:
+            return
+        self.busy, self.busy_since = f"replication {role}", time.monotonic()
+        try:
+            self.replication.set_role(role)
+        except MirrorhaError as e:
+            self.modlog.error(f"replication: {e}", state=self.view.state.value)
+        finally:
+            self.busy = None
 
     def _translate(self, item: Any) -> cluster.Event | None:
         match item:
@@ -355,7 +405,8 @@ class Daemon:
                 self.modlog.info(f"heartbeat network {net} carries heartbeats again",
                                  state=self.view.state.value)
                 return None
-            case cluster.ResyncDone() | cluster.ResyncFailed() | cluster.ProcessCheck():
+            case (cluster.ResyncDone() | cluster.ResyncFailed() | cluster.ProcessCheck()
+                  | cluster.ReplicationLost()):
                 return item
             case cluster.InterfaceChanged():
                 return item
@@ -387,8 +438,13 @@ class Daemon:
         # stop_prim has finished here (planned failover, swap).
         with self._lock:
             self.view = _keep_state(old, new)
+        role = replication_role(new.state)
+        if role == "primary":  # writable before the application starts
+            self._set_replication_role(role)
         for action in decision.actions:
             self._run(action)
+        if role != "primary":  # read-only only once the application has stopped
+            self._set_replication_role(role)
         with self._lock:
             self.view = new
         self.link.send_now()
@@ -409,9 +465,9 @@ class Daemon:
                 case Action.STOP_APP:
                     self.scripts.stop_app()
                 case Action.BEGIN_RESYNC:
-                    # No replicated directories are synchronised by this version: the copy is
-                    # trivially complete.
-                    self.events.put(cluster.ResyncDone("no replicated data to copy"))
+                    if self.replication is None:  # nothing replicated: nothing to copy
+                        self.events.put(cluster.ResyncDone("no replicated directories"))
+                    # else: the primary connects and copies; the receiver posts ResyncDone
         finally:
             self.busy = None
 
@@ -502,6 +558,11 @@ def _interface_name(vip: VirtualIp) -> str:
         return vip.resolve_interface()[0]
     except (VipError, OSError):
         return str(vip.addr)
+
+
+def replication_role(state: State) -> str:
+    return {State.STOP: "stopped", State.WAIT: "idle", State.SECOND: "secondary"}.get(
+        state, "primary")
 
 
 def _keep_state(old: NodeView, new: NodeView) -> NodeView:

@@ -156,6 +156,7 @@ class LabSettings:
     nicestoptimeout_s: int = 10
     forcestoptimeout_s: int = 10
     app_port: int = 80
+    replicated_dirs: tuple[str, ...] = ()  # <rfs><replicated dir=...>; private to each node
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.heartbeat_networks if n not in NETWORK_BY_NAME]
@@ -202,6 +203,11 @@ def userconfig_xml(settings: LabSettings, vip: str) -> str:
     ET.SubElement(real, "virtual_addr", addr=vip, where="one_side_alias")
     errd = ET.SubElement(service, "errd", polltimer=_num(s.errd_polltimer_s))
     ET.SubElement(errd, "proc", name=APP_COMM, atleast="1", action="restart", **{"class": "prim"})
+    if s.replicated_dirs:
+        rfs = ET.SubElement(service, "rfs", mountover="off", nbrei="3", acl="off",
+                            **{"async": "second"})
+        for directory in s.replicated_dirs:
+            ET.SubElement(rfs, "replicated", dir=directory, mode="read_only")
     if s.witness:
         ET.SubElement(service, "splitbrain", ident="witness", exec="ping", arg=WITNESS_ADDR)
     ET.SubElement(
@@ -537,7 +543,9 @@ class Lab:
         self.mirrorha_exe = self.venv / "bin" / "mirrorha"
         # "{node}" in an argument is replaced by the node's name (stand-ins need it).
         self.daemon_argv = tuple(daemon_argv or (str(self.mirrorha_exe), "daemon", "--start"))
-        self.private_dirs = tuple(Path(d) for d in private_dirs)
+        # Replicated directories are node-private by nature (each server has its own disk).
+        self.private_dirs = tuple(dict.fromkeys(
+            [Path(d) for d in private_dirs] + [Path(d) for d in settings.replicated_dirs]))
         for d in self.private_dirs:
             if not d.is_absolute() or d == Path("/") or ":" in str(d):
                 raise LabError(f"private directory {d}: need an absolute path, not /, no ':'")

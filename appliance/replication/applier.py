@@ -31,6 +31,7 @@ The Applier is not thread-safe: one thread (or one trio worker thread at a time)
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import time
@@ -78,6 +79,17 @@ class ApplyError(MirrorhaError):
         self.errno = errno
         self.message = message
         super().__init__(message)
+
+
+ASIDE_DIR = ".mirrorha-aside"  # inside a root that is its own mount point (see _reset)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class Applier:
@@ -161,25 +173,43 @@ class Applier:
     # -- full resync ----------------------------------------------------------------------------
 
     def _reset(self, op: Op) -> None:
-        """Move everything in the root into `<root>.mirrorha-aside/<seq>-<time>/`, a sibling on
-        the same filesystem (a rename, no copy): the data this node held before a full resync
-        is kept for the operator, never deleted."""
+        """Move everything in the root aside before a full resync: the data this node held is
+        kept for the operator, never deleted. Aside means `<root>.mirrorha-aside/<stamp>/`, a
+        sibling (a rename, no copy); when the root is a mount point of its own (a rename to
+        the sibling crosses devices), `<root>/.mirrorha-aside/<stamp>/` inside it instead,
+        which full resyncs skip."""
         root_fd = self._root_fd(op.root)
         for key in [k for k in self._files if k[0] == op.root]:
             os.close(self._files.pop(key))
         root = self._roots[op.root]
-        aside_parent = root.parent / f"{root.name}.mirrorha-aside"
-        aside_parent.mkdir(mode=0o700, exist_ok=True)
-        aside = aside_parent / f"{op.seq:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir(mode=0o700)
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-{op.seq}"
+        names = [n for n in os.listdir(root_fd) if n != ASIDE_DIR]
+        if not names:
+            return  # nothing to keep: no empty folder to puzzle the operator
+        aside = root.parent / f"{root.name}.mirrorha-aside" / stamp
+        aside.mkdir(parents=True, mode=0o700)
         aside_fd = os.open(aside, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for name in os.listdir(root_fd):
+            try:
+                os.rename(names[0], names[0], src_dir_fd=root_fd, dst_dir_fd=aside_fd)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                os.close(aside_fd)
+                aside.rmdir()
+                if not _exists(ASIDE_DIR, root_fd):
+                    os.mkdir(ASIDE_DIR, 0o700, dir_fd=root_fd)
+                inner = os.open(ASIDE_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd)
+                try:
+                    os.mkdir(stamp, 0o700, dir_fd=inner)
+                    aside_fd = os.open(stamp, os.O_RDONLY | os.O_DIRECTORY, dir_fd=inner)
+                finally:
+                    os.close(inner)
+                os.rename(names[0], names[0], src_dir_fd=root_fd, dst_dir_fd=aside_fd)
+            for name in names[1:]:
                 os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=aside_fd)
         finally:
             os.close(aside_fd)
-        if not os.listdir(aside):
-            os.rmdir(aside)  # nothing was there: no empty folder to puzzle the operator
 
     # -- path resolution ------------------------------------------------------------------------
 

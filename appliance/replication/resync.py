@@ -16,6 +16,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from appliance.replication.applier import ASIDE_DIR
 from appliance.replication.protocol import Op, OpKind, SetattrField
 
 CHUNK = 1024 * 1024
@@ -55,6 +56,8 @@ async def full_copy(root: int, root_fd: int, submit: Submit) -> CopyStats:
 
 async def _copy_dir(root: int, dir_fd: int, rel: str, send: Submit, stats: CopyStats) -> None:
     for name in sorted(os.listdir(dir_fd)):
+        if not rel and name == ASIDE_DIR:
+            continue  # what a previous resync set aside stays on this node
         path = f"{rel}/{name}" if rel else name
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)

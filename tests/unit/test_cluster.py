@@ -1078,3 +1078,14 @@ def test_waiting_node_starts_when_its_stopped_peer_holds_the_same_data() -> None
         d = last(start, heard(peer(State.STOP)))
         assert d.view.state is State.ALONE, me
         assert d.actions == (Action.ADD_VIP, Action.START_APP)
+
+
+def test_broken_replication_makes_the_primary_alone_with_a_new_generation() -> None:
+    from appliance.cluster import ReplicationLost
+    start = view(State.PRIM, gen=(3, NODE), synced=(3, NODE))
+    d = last(start, ReplicationLost("no ack for 600 ms"))
+    assert d.view.state is State.ALONE and d.actions == ()
+    assert d.view.memory.gen == gen(4, NODE)
+    assert d.reason is not None and "no ack" in d.reason
+    for other in (State.ALONE, State.SECOND, State.WAIT, State.STOP):
+        assert last(view(other), ReplicationLost("x")).view.state is other
