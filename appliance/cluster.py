@@ -218,6 +218,14 @@ class ResyncFailed:
 
 
 @dataclass(frozen=True)
+class Isolated:
+    """The primary has heard neither its peer nor the witness for half the heartbeat timeout:
+    it is probably the isolated side, and the peer will take over at the full timeout."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
 class ReplicationLost:
     """The primary's replication stream broke (no ack in time, secondary I/O error...)."""
 
@@ -240,7 +248,7 @@ class InterfaceChanged:
 
 
 Event = (
-    CommandEvent | PeerHeard | PeerLost | ResyncDone | ResyncFailed | ReplicationLost
+    CommandEvent | PeerHeard | PeerLost | Isolated | ResyncDone | ResyncFailed | ReplicationLost
     | ProcessCheck | InterfaceChanged
 )
 
@@ -371,6 +379,14 @@ def step(view: NodeView, event: Event) -> Decision:
             return _resync_done(view, event)
         case ResyncFailed():
             return _resync_failed(view, event)
+        case Isolated():
+            if view.state is not State.PRIM or not view.policy.witness:
+                return _stay(view)
+            # Stepping down at half the timeout leaves the other half for stop_prim to finish
+            # before the peer, which still reaches the witness, starts the application.
+            return _go(view, State.WAIT, STEP_DOWN,
+                       f"{event.detail}: this node is probably isolated; stopping the "
+                       "application before the peer takes over", error=True)
         case ReplicationLost():
             if view.state is not State.PRIM:
                 return _stay(view)

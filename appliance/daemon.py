@@ -316,8 +316,10 @@ class Daemon:
 
     def _engine(self) -> None:
         next_poll = time.monotonic()
+        next_isolation_check = time.monotonic()
+        pulse_s = self.config.service.heart.pulse_ms / 1000
         while True:
-            timeout = max(0.0, next_poll - time.monotonic())
+            timeout = max(0.0, min(next_poll, next_isolation_check) - time.monotonic())
             try:
                 item = self.events.get(timeout=timeout)
             except queue.Empty:
@@ -332,6 +334,23 @@ class Daemon:
             if time.monotonic() >= next_poll:
                 self._guarded(self._poll)
                 next_poll = time.monotonic() + self.poll_interval
+            if time.monotonic() >= next_isolation_check:
+                self._guarded(self._check_isolation)
+                next_isolation_check = time.monotonic() + pulse_s
+
+    def _check_isolation(self) -> None:
+        """With a witness, a PRIM that hears neither the peer nor the witness for half the
+        timeout steps down early (see cluster.Isolated)."""
+        if self.witness is None or self.view.state is not State.PRIM:
+            return
+        half = self.config.service.heart.timeout_ms / 2000
+        ages = [n.last_seen_age_s for n in self.link.snapshot().networks]
+        peer_silent = all(a is None or a >= half for a in ages)
+        witness_age = self.witness.last_reply_age()
+        if peer_silent and (witness_age is None or witness_age >= half):
+            self._handle(cluster.Isolated(
+                f"no heartbeat from {self.peer} on any network and no answer from the witness "
+                f"for {half * 1000:.0f} ms"))
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         """A bug or an unexpected OS error in one event must not kill the daemon (which would
@@ -405,10 +424,7 @@ class Daemon:
                 self.modlog.info(f"heartbeat network {net} carries heartbeats again",
                                  state=self.view.state.value)
                 return None
-            case (cluster.ResyncDone() | cluster.ResyncFailed() | cluster.ProcessCheck()
-                  | cluster.ReplicationLost()):
-                return item
-            case cluster.InterfaceChanged():
+            case _ if isinstance(item, cluster.Event):  # already an event of the core
                 return item
         log.error("unknown engine item %r", item)
         return None

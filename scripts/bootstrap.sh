@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iproute2 iputils-arping iputils-ping util-linux procps psmisc curl
   keepalived            # the comparison point of bench/failover
-  fuse3 libfuse3-dev pkg-config
+  fuse3 libfuse3-dev pkg-config   # FUSE over-mounts (pyfuse3 builds against libfuse3)
+  postgresql-15         # the end-to-end RPO test runs a real PostgreSQL on a replicated dir
 )
 
 missing=()
@@ -21,6 +22,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # keepalived's package may try to start the service; it must never run outside the lab.
   systemctl disable --now keepalived >/dev/null 2>&1 || true
+  # Same for PostgreSQL's default cluster: tests start their own servers.
+  systemctl disable --now postgresql >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}

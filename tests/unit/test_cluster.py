@@ -1089,3 +1089,18 @@ def test_broken_replication_makes_the_primary_alone_with_a_new_generation() -> N
     assert d.reason is not None and "no ack" in d.reason
     for other in (State.ALONE, State.SECOND, State.WAIT, State.STOP):
         assert last(view(other), ReplicationLost("x")).view.state is other
+
+
+def test_isolated_primary_steps_down_before_the_peer_takes_over() -> None:
+    from appliance.cluster import Isolated
+    witness = policy(witness=True)
+    d = last(view(State.PRIM, gen=(3, NODE), synced=(3, NODE), pol=witness),
+             Isolated("no heartbeat and no witness for 300 ms"))
+    assert d.view.state is State.WAIT
+    assert d.actions == (Action.STOP_APP, Action.REMOVE_VIP)
+    assert d.error and d.reason is not None and "isolated" in d.reason
+    # Without a witness there is no way to tell isolation from a dead peer: keep serving.
+    no_witness = view(State.PRIM, gen=(3, NODE), synced=(3, NODE))
+    assert last(no_witness, Isolated("x")).view.state is State.PRIM
+    for other in (State.ALONE, State.SECOND, State.WAIT, State.STOP):
+        assert last(view(other, pol=witness), Isolated("x")).view.state is other
