@@ -16,9 +16,12 @@ directories' mtime) hold `_ns_lock`, so two such groups never interleave.
 
 Timestamps. The secondary's own clock would give its copies other mtimes, so the primary sends
 them: after a namespace change, SETATTR(MTIME) of the parent dir(s) and of a new dir, node or
-symlink; after data changes (WRITE, TRUNCATE, CREATE) the file is marked and one SETATTR(MTIME)
-is sent at the next flush (close), fsync or release rather than one per write. Ctime cannot be
-set on Linux and atime is not replicated (reads change it).
+symlink; a setattr that changes the size sends the new mtime with its TRUNCATE; after WRITEs
+(and CREATE, O_TRUNC) the file is marked and one SETATTR(MTIME) is sent at the next flush
+(close), fsync or release rather than one per write. Ctime cannot be set on Linux and atime is
+not replicated (reads change it). With `writeback_cache` the kernel keeps its own mtimes
+(stat through the mount may differ from the backing file by the time of the page writeback);
+the secondary still matches the backing dir.
 
 Durability. fsync/fdatasync and fsyncdir do the local fsync in a worker thread while the FSYNC
 op travels: the call returns when both are done. O_SYNC/O_DSYNC opens need nothing more: the
@@ -28,8 +31,11 @@ Process model. pyfuse3 keeps its session in module globals: ONE mount per proces
 therefore runs each replicated dir's mount in a child process
 (`python -m appliance.replication.fusefs --root-index N --dir PATH --control SOCKET`) whose
 `SocketSink` forwards ops over a unix socket to the daemon, where `MountChannel` hands them to
-the real sink in the same order and answers each one. `mount_in_thread` runs a mount in a
-thread of the calling process (tests, tools).
+the real sink in the same order and answers each one. Like the sender, the child pipelines
+ordinary ops under a byte window and waits only for durable ones (measured: ~25 µs per ordinary
+op, ~0.2 ms per durable round trip). `mount_in_thread` runs a mount in a thread of the calling
+process (tests, tools); nothing in that process may then touch mmap'ed pages of a file on the
+mount while holding the GIL (the page fault waits for the FUSE thread, which waits for the GIL).
 
 Not available in pyfuse3 3.5: fallocate (applications get EOPNOTSUPP; glibc's posix_fallocate
 falls back to writing zeros, which replicates as WRITEs), copy_file_range, lseek(SEEK_DATA),
@@ -433,7 +439,7 @@ class ReplicatedFs(pyfuse3.Operations):
         # The kernel handles O_SYNC/O_DSYNC itself (FUSE_FSYNC after each write): the backing
         # write need not be synchronous too.
         flags &= ~os.O_SYNC
-        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+        if self.enable_writeback_cache and (flags & os.O_ACCMODE) == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR  # the page cache reads partial pages
         return flags
 
@@ -759,7 +765,7 @@ class ReplicatedFs(pyfuse3.Operations):
     @_errors_to_errno
     async def open(self, inode: int, flags: int,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             self._check_writable()
         node = self._node(inode)
@@ -767,7 +773,7 @@ class ReplicatedFs(pyfuse3.Operations):
             # libfuse asks for atomic O_TRUNC: the truncation arrives here, not as a setattr.
             async with self._ns_lock:
                 path = await self._op_path(inode)
-                fd = self._open_backing(inode, flags | os.O_TRUNC)
+                fd = await self._open_backing(inode, flags | os.O_TRUNC)
                 node.mtime_dirty = True
                 if path is not None:
                     try:
@@ -776,17 +782,15 @@ class ReplicatedFs(pyfuse3.Operations):
                         os.close(fd)
                         raise
                 return self._open_handle(inode, fd)
-        return self._open_handle(inode, self._open_backing(inode, flags))
+        return self._open_handle(inode, await self._open_backing(inode, flags))
 
-    def _open_backing(self, inode: int, flags: int) -> int:
+    async def _open_backing(self, inode: int, flags: int) -> int:
         node = self._node(inode)
         backing = self._backing_flags(flags) | (flags & os.O_TRUNC)
         if node.fds and (node.unlinked or self._known_path(inode) is None):
             # No name: reopen the inode itself through an fd we already hold.
             return os.open(f"/proc/self/fd/{next(iter(node.fds))}", backing & ~os.O_NOFOLLOW)
-        path = self._known_path(inode)
-        if path is None:
-            raise FUSEError(errno.ESTALE)
+        path = await self._path(inode)  # resolved before the open: no checkpoint after it
         fd = os.open(_local(path), backing, dir_fd=self._root)
         if self._ino(os.fstat(fd)) != inode:
             os.close(fd)
@@ -1178,7 +1182,10 @@ async def _frames(stream: trio.abc.ReceiveStream) -> AsyncIterator[Any]:
             payload = bytes(buf[4:4 + need])
             del buf[:4 + need]
             yield decode(payload)
-        chunk = await stream.receive_some(1 << 20)
+        try:
+            chunk = await stream.receive_some(1 << 20)
+        except trio.BrokenResourceError:
+            return  # reset: the peer process is gone, like an end of stream
         if not chunk:
             if buf:
                 raise ProtocolError("control socket closed in the middle of a frame")
@@ -1195,7 +1202,10 @@ async def _write_frames(stream: trio.abc.SendStream,
                 batch.append(outbox.receive_nowait())
             except trio.WouldBlock:
                 break
-        await stream.send_all(b"".join(batch))
+        try:
+            await stream.send_all(b"".join(batch))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the peer is gone: the reader sees the end of the stream
 
 
 @dataclass(eq=False)
@@ -1250,7 +1260,7 @@ class SocketSink:
             if error is not None:
                 raise error
             return
-        # An op larger than the window alone goes through once it is the only one in flight.
+        # Window full: wait for answers (an op alone larger than the window waits for its own).
         while self._in_flight > self._window and not waiter.done.is_set():
             await self._progress.park()
         if waiter.error is not None:
