@@ -383,11 +383,12 @@ class Daemon:
         self._drive_replication()
 
     def _drive_replication(self) -> None:
-        """A primary whose peer is SECOND but not in sync sends it a full copy."""
+        """A primary whose peer is SECOND streams to it: a full copy first when the peer is not
+        in sync, a plain attach when it is (after a swap)."""
         view, repl = self.view, self.replication
         if (repl is not None and view.state in cluster.SERVING and view.peer is not None
-                and view.peer.state is State.SECOND and not view.peer.in_sync):
-            repl.request_sync()
+                and view.peer.state is State.SECOND and not repl.streaming()):
+            repl.request_sync(full=not view.peer.in_sync)
 
     def _set_replication_role(self, role: str) -> None:
         if self.replication is None or self.replication.role == role:

@@ -138,10 +138,16 @@ class ReplicationService:
             raise ValueError(role)
         self._call(self._set_role, role)
 
-    def request_sync(self) -> None:
-        """Primary: the peer is SECOND and not in sync; start a full resync unless one runs."""
+    def request_sync(self, full: bool = True) -> None:
+        """Primary whose peer is SECOND without a live stream: full resync when the peer is
+        not in sync; just connect (`full=False`) when its copy is known identical (after a
+        swap: the old primary drained its stream before handing over)."""
         if self._token is not None:
-            trio.from_thread.run_sync(self._request_sync, trio_token=self._token)
+            trio.from_thread.run_sync(self._request_sync, full, trio_token=self._token)
+
+    def streaming(self) -> bool:
+        sender = self.sender
+        return sender is not None and sender.broken is None
 
     def peer_gone(self) -> None:
         if self._token is not None:
@@ -250,7 +256,7 @@ class ReplicationService:
             self._role_scope.cancel()  # the receiver of a former secondary
             self._role_scope = None
         if role != "primary":
-            await self._drop_sender_async("role changed")
+            await self._drain_and_drop_sender()
         if role == "stopped":
             await self._unmount_all()
             return
@@ -335,25 +341,43 @@ class ReplicationService:
 
     # -- primary side ----------------------------------------------------------------------
 
-    def _request_sync(self) -> None:
+    def _request_sync(self, full: bool) -> None:
         if self.role != "primary" or self.resyncing or (
                 self.sender is not None and self.sender.broken is None):
             return
         assert self._nursery is not None
         self.resyncing = True
-        self._nursery.start_soon(self._resync)
+        self._nursery.start_soon(self._resync if full else self._attach)
+
+    async def _connect(self) -> ReplicaSender:
+        sender = ReplicaSender(
+            node=self.s.node, peer=self.s.peer, module=self.s.module, host=self.s.peer_addr,
+            port=self.s.port, ssl_context=tls.client_context(self.s.pki_dir, self.s.node,
+                                                              self.s.peer),
+            ack_timeout_s=self.s.ack_timeout_s, on_broken=self._on_broken)
+        await sender.connect()
+        assert self._nursery is not None
+        self._nursery.start_soon(sender.run)
+        return sender
+
+    async def _attach(self) -> None:
+        """Stream to a secondary whose copy is already identical (after a swap)."""
+        try:
+            await self._freeze(True)
+            try:
+                self.sender = await self._connect()
+            finally:
+                await self._freeze(False)
+            self.say(f"replication stream to {self.s.peer} attached (copies identical)")
+        except (ReplicaBroken, OSError, MirrorhaError) as e:
+            self.say(f"attaching the replication stream to {self.s.peer} failed: {e}")
+        finally:
+            self.resyncing = False
 
     async def _resync(self) -> None:
         started = time.monotonic()
         try:
-            sender = ReplicaSender(
-                node=self.s.node, peer=self.s.peer, module=self.s.module, host=self.s.peer_addr,
-                port=self.s.port, ssl_context=tls.client_context(self.s.pki_dir, self.s.node,
-                                                                  self.s.peer),
-                ack_timeout_s=self.s.ack_timeout_s, on_broken=self._on_broken)
-            await sender.connect()
-            assert self._nursery is not None
-            self._nursery.start_soon(sender.run)
+            sender = await self._connect()
             await self._freeze(True)  # mutations wait before touching the disk
             try:
                 total = 0
@@ -398,10 +422,17 @@ class ReplicationService:
         if sender is not None and self._nursery is not None:
             self._nursery.start_soon(sender.aclose)
 
-    async def _drop_sender_async(self, reason: str) -> None:
+    async def _drain_and_drop_sender(self) -> None:
+        """Leaving the primary role: everything sent is made durable on the secondary first,
+        so that a swap hands over identical copies."""
         sender, self.sender = self.sender, None
-        if sender is not None:
-            await sender.aclose()
+        if sender is None:
+            return
+        if sender.broken is None:
+            with trio.move_on_after(self.s.ack_timeout_s * 2):
+                with contextlib.suppress(ReplicaBroken):
+                    await sender.submit(Op(OpKind.SYNC, 0, ""))
+        await sender.aclose()
 
     async def submit(self, op: Op) -> None:
         """OpSink of the mount children."""

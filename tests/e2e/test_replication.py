@@ -70,3 +70,21 @@ def test_lab_without_replicated_dirs_mounts_nothing(cluster: Cluster) -> None:
     st = cluster.state("node1")
     assert st is not None and st["replication"] is None
     assert Lab.NODES == ("node1", "node2")
+
+
+@pytest.mark.parametrize("lab_settings", [REPLICATED])
+def test_swap_hands_over_identical_copies_and_keeps_replicating(cluster: Cluster) -> None:
+    formed(cluster)
+    sh(cluster, "node1", f"head -c 2000000 /dev/urandom > {DATA}/before-swap")
+    cluster.cmd("node1", "swap")
+    cluster.wait_pair("node2", "node1")
+    assert "attached (copies identical)" in cluster.module_log("node2")
+    assert "full resync" not in cluster.module_log("node2")  # no copy needed for a swap
+    sh(cluster, "node2", f"printf 'written on node2' > {DATA}/after-swap; sync {DATA}/after-swap")
+    wait_until(lambda: digest(cluster, "node1") == digest(cluster, "node2"), 10,
+               "node1 (now SECOND) to receive node2's writes")
+    cluster.cmd("node2", "swap")
+    cluster.wait_pair("node1", "node2")
+    sh(cluster, "node1", f"rm {DATA}/before-swap")
+    wait_until(lambda: digest(cluster, "node2") == digest(cluster, "node1"), 10,
+               "the swap back to replicate too")
