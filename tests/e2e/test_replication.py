@@ -88,3 +88,22 @@ def test_swap_hands_over_identical_copies_and_keeps_replicating(cluster: Cluster
     sh(cluster, "node1", f"rm {DATA}/before-swap")
     wait_until(lambda: digest(cluster, "node2") == digest(cluster, "node1"), 10,
                "the swap back to replicate too")
+
+
+@pytest.mark.parametrize("lab_settings", [REPLICATED])
+def test_primary_keeps_writing_alone_when_the_secondary_dies_then_resyncs_it(
+        cluster: Cluster) -> None:
+    formed(cluster)
+    sh(cluster, "node1", f"printf one > {DATA}/a && sync {DATA}/a")
+    cluster.lab.crash_node("node2")
+    # fsync keeps working: the primary stops waiting for the dead secondary within the
+    # heartbeat timeout and continues ALONE.
+    sh(cluster, "node1", f"""set -e; cd {DATA}
+        for i in $(seq 1 50); do printf "$i" >> counter; sync counter; done
+        printf two > b; sync b""")
+    cluster.wait_state("node1", "ALONE")
+    assert sh(cluster, "node1", f"cat {DATA}/counter").startswith("12345")
+    cluster.lab.start_node("node2")
+    cluster.wait_pair("node1", "node2", timeout=30)
+    wait_until(lambda: digest(cluster, "node2") == digest(cluster, "node1"), 10,
+               "node2 to be resynchronised")
