@@ -24,6 +24,7 @@ check: setup lint
 
 bench: setup
 	$(PY) -m bench.failover
+	$(PY) -m bench.replication
 
 lint: setup
 	$(VENV)/bin/ruff check appliance tests bench

@@ -19,14 +19,16 @@ node1's eth0). Cutting a link (`cut`) has two flavours, both stopping traffic bo
 - unplug (`carrier=True`): the switch port goes down. A veth's peer then loses its carrier, so
   the node sees NO-CARRIER on its interface, as with a pulled cable.
 
-Each node is a "container": the node's network namespace plus its own mount, PID and UTS
+Each node is a "container": the node's network namespace plus its own mount, PID, UTS and IPC
 namespaces, PID 1 being appliance.labinit. Killing that PID 1 makes the kernel kill every
 process of the node, like a server losing all its processes (its kernel still answers ARP and
 ping, and keeps addresses such as the VIP); `crash_node` also takes the node's interfaces down,
-like a power loss. `start_node` is a boot: the node's interfaces get their configured addresses
-back (a VIP left over by a crash disappears) before PID 1 starts. Both nodes share the host's
-files; paths that must differ per node (replicated directories) are given as `private_dirs`:
-each node gets its own copy bind-mounted over the path inside its container.
+like a power loss. System V IPC is the node's own, as on a server: what a crashed node's
+application left there (PostgreSQL's shared memory) goes with the node, not onto the host.
+`start_node` is a boot: the node's interfaces get their configured addresses back (a VIP left
+over by a crash disappears) before PID 1 starts. Both nodes share the host's files; paths that
+must differ per node (replicated directories) are given as `private_dirs`: each node gets its
+own copy bind-mounted over the path inside its container.
 
 Files: `{labdir}/{node}/home` is the node's MIRRORHA_HOME (cluster.xml, cluster.key,
 mirror/conf/userconfig.xml, mirror/bin/start_prim|stop_prim); `{labdir}/{node}/daemon.out` gets
@@ -157,6 +159,9 @@ class LabSettings:
     forcestoptimeout_s: int = 10
     app_port: int = 80
     replicated_dirs: tuple[str, ...] = ()  # <rfs><replicated dir=...>; private to each node
+    # The process errd watches (<proc name=...>, restart, class prim); None: no <proc> at all.
+    # Tests that replace bin/start_prim with another application name its process here.
+    errd_proc: str | None = APP_COMM
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.heartbeat_networks if n not in NETWORK_BY_NAME]
@@ -202,7 +207,9 @@ def userconfig_xml(settings: LabSettings, vip: str) -> str:
     real = ET.SubElement(interface, "real_interface")
     ET.SubElement(real, "virtual_addr", addr=vip, where="one_side_alias")
     errd = ET.SubElement(service, "errd", polltimer=_num(s.errd_polltimer_s))
-    ET.SubElement(errd, "proc", name=APP_COMM, atleast="1", action="restart", **{"class": "prim"})
+    if s.errd_proc is not None:
+        ET.SubElement(errd, "proc", name=s.errd_proc, atleast="1", action="restart",
+                      **{"class": "prim"})
     if s.replicated_dirs:
         rfs = ET.SubElement(service, "rfs", mountover="off", nbrei="3", acl="off",
                             **{"async": "second"})
@@ -838,7 +845,7 @@ class Lab:
         argv = [a.replace("{node}", node) for a in self.daemon_argv]
         cmd = [
             "nsenter", f"--net={NETNS_DIR / self.netns(node)}",
-            "unshare", "--mount", "--pid", "--uts", "--fork", "--mount-proc",
+            "unshare", "--mount", "--pid", "--uts", "--ipc", "--fork", "--mount-proc",
             "--propagation", "private", "--",
             str(self.python), "-m", "appliance.labinit", "--hostname", node, "--sysfs",
             *self._bind_options(node),
@@ -1010,17 +1017,17 @@ class Lab:
 
     # -- observation ---------------------------------------------------------------------------
 
-    def app_pids(self) -> dict[str, list[int]]:
-        """Sample-app processes (comm mh-sampleapp) per node, found from the host. A process
-        belongs to the node whose network namespace it runs in: where it really runs, whatever
-        its arguments say."""
+    def app_pids(self, comm: str = APP_COMM) -> dict[str, list[int]]:
+        """Application processes per node (command name `comm`, by default the sample app's),
+        found from the host. A process belongs to the node whose network namespace it runs in:
+        where it really runs, whatever its arguments say."""
         node_of = {}
         for node in self.NODES:
             for st in _stat_netns([self.netns(node)]):
                 node_of[st.st_ino] = node
         found: dict[str, list[int]] = {node: [] for node in self.NODES}
         for pid in _proc_pids():
-            if _comm(pid) == APP_COMM:
+            if _comm(pid) == comm:
                 node = node_of.get(_ns_inode(pid, "net") or -1)
                 if node is not None:
                     found[node].append(pid)
