@@ -420,7 +420,8 @@ def _peer_lost(view: NodeView, event: PeerLost) -> Decision:
                 return _go(view, State.WAIT, STEP_DOWN,
                            f"{event.detail}; the witness is unreachable too: this node may be "
                            "isolated, stopping the application", error=True)
-            return _alone(view, (), f"{event.detail}; continuing ALONE (the peer is resynchronised when it returns)")
+            return _alone(view, (), f"{event.detail}; continuing ALONE (the peer is "
+                                    "resynchronised when it returns)")
         case State.SECOND:
             why_not = _why_not_take_over(view)
             if why_not:
