@@ -30,6 +30,7 @@ The Applier is not thread-safe: one thread (or one trio worker thread at a time)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -197,6 +198,8 @@ class Applier:
                     raise
                 os.close(aside_fd)
                 aside.rmdir()
+                with contextlib.suppress(OSError):  # only if we made it and nothing else is there
+                    aside.parent.rmdir()
                 if not _exists(ASIDE_DIR, root_fd):
                     os.mkdir(ASIDE_DIR, 0o700, dir_fd=root_fd)
                 inner = os.open(ASIDE_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd)

@@ -25,9 +25,10 @@ pytestmark = pytest.mark.slow
 class DualRunMonitor:
     """Samples which nodes run the application; records every instant both did."""
 
-    def __init__(self, lab: Lab, interval: float = 0.02) -> None:
+    def __init__(self, lab: Lab, interval: float = 0.02, comm: str | None = None) -> None:
         self.lab = lab
         self.interval = interval
+        self.comm = comm  # the application's process name (default: the lab's sample app)
         self.violations: list[dict[str, list[int]]] = []
         self.samples = 0
         self._stop = threading.Event()
@@ -35,7 +36,7 @@ class DualRunMonitor:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = self.lab.app_pids()
+            pids = self.lab.app_pids(self.comm) if self.comm else self.lab.app_pids()
             self.samples += 1
             if all(pids.get(n) for n in Lab.NODES):
                 self.violations.append(pids)
