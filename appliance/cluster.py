@@ -213,6 +213,11 @@ class ResyncDone:
 
 
 @dataclass(frozen=True)
+class ResyncStarted:
+    """The secondary's copy is being rebuilt from scratch: it is no longer current."""
+
+
+@dataclass(frozen=True)
 class ResyncFailed:
     detail: str
 
@@ -248,7 +253,8 @@ class InterfaceChanged:
 
 
 Event = (
-    CommandEvent | PeerHeard | PeerLost | Isolated | ResyncDone | ResyncFailed | ReplicationLost
+    CommandEvent | PeerHeard | PeerLost | Isolated | ResyncDone | ResyncStarted | ResyncFailed
+    | ReplicationLost
     | ProcessCheck | InterfaceChanged
 )
 
@@ -377,6 +383,12 @@ def step(view: NodeView, event: Event) -> Decision:
                                       witness_ok=event.witness_ok), event)
         case ResyncDone():
             return _resync_done(view, event)
+        case ResyncStarted():
+            if view.state is not State.SECOND or not view.in_sync:
+                return _stay(view)
+            return Decision(replace(view, in_sync=False), (),
+                            f"{view.policy.peer} started a full copy: this node's data is not "
+                            "current until it completes")
         case ResyncFailed():
             return _resync_failed(view, event)
         case Isolated():

@@ -386,9 +386,15 @@ class Daemon:
         """A primary whose peer is SECOND streams to it: a full copy first when the peer is not
         in sync, a plain attach when it is (after a swap)."""
         view, repl = self.view, self.replication
-        if (repl is not None and view.state in cluster.SERVING and view.peer is not None
-                and view.peer.state is State.SECOND and not repl.streaming()):
-            repl.request_sync(full=not view.peer.in_sync)
+        if (repl is None or view.state not in cluster.SERVING or view.peer is None
+                or view.peer.state is not State.SECOND):
+            return
+        # Only a PRIM whose SECOND is in sync at the same generation may skip the copy; a node
+        # that went ALONE (even for a broken stream) has writes the peer never got.
+        identical = (view.state is State.PRIM and view.peer.in_sync
+                     and view.peer.memory.gen == view.memory.gen)
+        if not repl.streaming() or (not identical and not view.peer.in_sync):
+            repl.request_sync(full=not identical)
 
     def _set_replication_role(self, role: str) -> None:
         if self.replication is None or self.replication.role == role:
@@ -396,10 +402,22 @@ class Daemon:
         self.busy, self.busy_since = f"replication {role}", time.monotonic()
         try:
             self.replication.set_role(role)
-        except MirrorhaError as e:
-            self.modlog.error(f"replication: {e}", state=self.view.state.value)
+        except Exception as e:  # the state change must complete; the role is retried later
+            self.modlog.error(f"replication role {role} failed: {e}", state=self.view.state.value)
         finally:
             self.busy = None
+
+    def _attach_before_start(self) -> None:
+        """The new primary of a swap streams to the old one before its application writes."""
+        if self.replication is None:
+            return
+        try:
+            attached = self.replication.attach_now()
+        except Exception as e:
+            attached = False
+            self.modlog.error(f"replication attach failed: {e}", state=self.view.state.value)
+        if not attached:
+            self.events.put(cluster.ReplicationLost("could not attach the stream after a swap"))
 
     def _translate(self, item: Any) -> cluster.Event | None:
         match item:
@@ -458,6 +476,8 @@ class Daemon:
         role = replication_role(new.state)
         if role == "primary":  # writable before the application starts
             self._set_replication_role(role)
+            if old.state is State.SECOND and new.state is State.PRIM:
+                self._attach_before_start()
         for action in decision.actions:
             self._run(action)
         if role != "primary":  # read-only only once the application has stopped

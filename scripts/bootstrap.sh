@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iputils-arping iputils-ping util-linux procps psmisc curl
+  rsync                 # the comparison point of bench/replication's reintegration
   keepalived            # the comparison point of bench/failover
   fuse3 libfuse3-dev pkg-config   # FUSE over-mounts (pyfuse3 builds against libfuse3)
   postgresql-15         # the end-to-end RPO test runs a real PostgreSQL on a replicated dir

@@ -113,6 +113,8 @@ class ReplicationService:
         self._role_scope: trio.CancelScope | None = None
         self._resync_started = 0.0
         self._done_roots: set[int] = set()
+        self._receiver_done: trio.Event | None = None
+        self._sender_from_copy = False  # the live stream began with a full copy
 
     # -- thread-side API (daemon engine) ---------------------------------------------------
 
@@ -144,6 +146,19 @@ class ReplicationService:
         swap: the old primary drained its stream before handing over)."""
         if self._token is not None:
             trio.from_thread.run_sync(self._request_sync, full, trio_token=self._token)
+
+    def attach_now(self) -> bool:
+        """Become the stream's source before the application starts (the new primary of a
+        swap): no write may happen before the stream exists. True if it does."""
+        self._call(self._attach_blocking)
+        return self.streaming()
+
+    async def _attach_blocking(self) -> None:
+        if self.streaming() or self.resyncing:
+            return
+        self.resyncing = True
+        self._sender_from_copy = False
+        await self._attach()
 
     def streaming(self) -> bool:
         sender = self.sender
@@ -250,19 +265,24 @@ class ReplicationService:
     async def _set_role(self, role: str) -> None:
         if role == self.role:
             return
-        old, self.role = self.role, role
+        old = self.role
         log.info("replication role %s -> %s", old, role)
         if self._role_scope is not None:
-            self._role_scope.cancel()  # the receiver of a former secondary
+            # The receiver of a former secondary: wait until it has applied what it had
+            # acknowledged, or old ops could land on top of the new primary's writes.
+            self._role_scope.cancel()
             self._role_scope = None
+            if self._receiver_done is not None:
+                await self._receiver_done.wait()
         if role != "primary":
             await self._drain_and_drop_sender()
         if role == "stopped":
             await self._unmount_all()
-            return
-        await self._mount_all(read_only=role != "primary")
-        if role == "secondary":
-            await self._start_receiver()
+        else:
+            await self._mount_all(read_only=role != "primary")
+            if role == "secondary":
+                await self._start_receiver()
+        self.role = role  # only once the role is really in place
 
     async def _mount_all(self, read_only: bool) -> None:
         for m in self._mounts:
@@ -308,12 +328,16 @@ class ReplicationService:
             expected_peer=self.s.peer)
         scope = trio.CancelScope()
         self._role_scope = scope
+        done = self._receiver_done = trio.Event()
 
         async def serve() -> None:
-            with scope:
-                assert self.receiver is not None
-                await self.receiver.serve(listener)
-            await listener.aclose()
+            try:
+                with scope:
+                    assert self.receiver is not None
+                    await self.receiver.serve(listener)
+                await listener.aclose()
+            finally:
+                done.set()
         self._nursery.start_soon(serve)
 
     def _resync_marker(self, op: Op) -> None:
@@ -322,6 +346,7 @@ class ReplicationService:
             self._done_roots.discard(op.root)
             if op.root == 0:
                 self._resync_started = time.monotonic()
+                self.post(cluster.ResyncStarted())
         elif op.kind is OpKind.RESYNC_DONE:
             self._done_roots.add(op.root)
             if len(self._done_roots) == len(self.s.dirs):
@@ -342,20 +367,31 @@ class ReplicationService:
     # -- primary side ----------------------------------------------------------------------
 
     def _request_sync(self, full: bool) -> None:
-        if self.role != "primary" or self.resyncing or (
-                self.sender is not None and self.sender.broken is None):
+        if self.role != "primary" or self.resyncing:
             return
+        if self.sender is not None and self.sender.broken is None:
+            if not full or self._sender_from_copy:
+                return
+            self._drop_sender("a full copy is needed")  # an attached stream over a gap
+        self._sender_from_copy = False
         assert self._nursery is not None
         self.resyncing = True
         self._nursery.start_soon(self._resync if full else self._attach)
 
     async def _connect(self) -> ReplicaSender:
+        this: list[ReplicaSender] = []  # the sender, for its own on_broken
         sender = ReplicaSender(
             node=self.s.node, peer=self.s.peer, module=self.s.module, host=self.s.peer_addr,
             port=self.s.port, ssl_context=tls.client_context(self.s.pki_dir, self.s.node,
                                                               self.s.peer),
-            ack_timeout_s=self.s.ack_timeout_s, on_broken=self._on_broken)
-        await sender.connect()
+            ack_timeout_s=self.s.ack_timeout_s,
+            on_broken=lambda reason: self._on_broken(this[0], reason))
+        this.append(sender)
+        try:
+            await sender.connect()
+        except BaseException:
+            await sender.aclose()
+            raise
         assert self._nursery is not None
         self._nursery.start_soon(sender.run)
         return sender
@@ -386,6 +422,13 @@ class ReplicationService:
                     total += stats.bytes
                 await sender.submit(Op(OpKind.SYNC, 0, ""))
                 self.sender = sender  # live from the first mutation after the freeze
+                self._sender_from_copy = True
+                for i in range(len(self._backing_fds)):  # the secondary may now say in sync
+                    await sender.submit(Op(OpKind.RESYNC_DONE, i, ""))
+            except BaseException:
+                if self.sender is not sender:
+                    await sender.aclose()
+                raise
             finally:
                 await self._freeze(False)
             self.counters["resyncs"] += 1
@@ -407,12 +450,17 @@ class ReplicationService:
             m.frozen = trio.Event() if frozen else None
             m.channel.set_frozen(frozen)
         if frozen:
-            with trio.move_on_after(30):
+            with trio.move_on_after(30) as scope:
                 for m in self._mounts:
                     if m.frozen is not None:
                         await m.frozen.wait()
+            if scope.cancelled_caught:
+                raise ReplicationError("a mount did not confirm its freeze within 30 s: "
+                                       "no copy of a tree that may still change")
 
-    def _on_broken(self, reason: str) -> None:
+    def _on_broken(self, sender: ReplicaSender, reason: str) -> None:
+        if self.sender is not sender:
+            return  # an old or unfinished stream: nobody relied on it
         self.counters["lost"] += 1
         self.sender = None
         self.post(cluster.ReplicationLost(reason))
@@ -457,6 +505,8 @@ class _MarkedApplier:
         self._on_marker = on_marker
 
     def apply(self, op: Op) -> None:
+        if op.kind is OpKind.RESYNC_DONE:
+            self._applier.sync()  # "in sync" only once the whole copy is on this disk
         self._applier.apply(op)
         if op.kind in (OpKind.RESET, OpKind.RESYNC_DONE):
             self._on_marker(op)

@@ -3,7 +3,8 @@
 The stream is RESET (the secondary sets its previous content aside), then the tree — each
 directory before what it holds, data only where the file has data (holes stay holes), hard
 links as LINK, attributes and mtimes last (a directory's mtime after its entries were created),
-then RESYNC_DONE. It is the fallback when nothing better is known; reintegration of dirty zones
+then (sent by the caller once everything is durable on the secondary) RESYNC_DONE.
+It is the fallback when nothing better is known; reintegration of dirty zones
 comes on top of it. The caller guarantees the tree does not change while it is walked (the
 mounts are frozen), so the copy is exact.
 """
@@ -50,7 +51,6 @@ async def full_copy(root: int, root_fd: int, submit: Submit) -> CopyStats:
     top = os.stat(root_fd)
     await send(Op(OpKind.SETATTR, root, "", mode=stat.S_IMODE(top.st_mode), uid=top.st_uid,
                   gid=top.st_gid, mtime_ns=top.st_mtime_ns, flags=_ATTRS))
-    await send(Op(OpKind.RESYNC_DONE, root, ""))
     return stats
 
 

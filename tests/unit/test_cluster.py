@@ -1104,3 +1104,14 @@ def test_isolated_primary_steps_down_before_the_peer_takes_over() -> None:
     assert last(no_witness, Isolated("x")).view.state is State.PRIM
     for other in (State.ALONE, State.SECOND, State.WAIT, State.STOP):
         assert last(view(other, pol=witness), Isolated("x")).view.state is other
+
+
+def test_a_second_whose_copy_is_being_rebuilt_is_not_in_sync() -> None:
+    from appliance.cluster import ResyncStarted
+    d = last(replace(view(State.SECOND, gen=(3, PEER), synced=(3, PEER)), in_sync=True),
+             ResyncStarted())
+    assert d.view.state is State.SECOND and not d.view.in_sync
+    assert d.reason is not None and "not current" in d.reason
+    # ...so losing the primary now must not start the application here.
+    after = last(d.view, LOST)
+    assert after.view.state is State.WAIT and Action.START_APP not in after.actions
