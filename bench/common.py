@@ -3,15 +3,17 @@ record of one crash-and-takeover run."""
 
 from __future__ import annotations
 
+import json
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from appliance.errors import MirrorhaError
 from appliance.lab import PollSample
+from appliance.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -23,16 +25,17 @@ class BenchError(MirrorhaError):
 def wait_for(
     predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
 ) -> T:
-    """Poll predicate until it returns something truthy; BenchError naming `what` at the
-    deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)  # polling interval of a deadline-bounded wait
+    """appliance.waiting.wait_until, failing with BenchError (a measurement that could not be
+    made, not a test assertion)."""
+    return wait_until(predicate, timeout, what, interval, error=BenchError)  # type: ignore[return-value]
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Write results atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import platform
 import re
@@ -52,6 +51,7 @@ from bench.common import (
     crash_run,
     parse_log_time,
     wait_for,
+    write_json,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -586,11 +586,6 @@ def host_info() -> dict[str, Any]:
     }
 
 
-def write_results(results: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(RESULTS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -668,9 +663,9 @@ def run(plan: Plan) -> int:
             print(f"{name} FAILED: {e}", file=sys.stderr, flush=True)
             where = results if name == "soak" else results["scenarios"]
             where[name] = {"error": str(e)}
-        write_results(results)
+        write_json(RESULTS, results)
     results["finished"] = datetime.now().isoformat(timespec="seconds")
-    write_results(results)
+    write_json(RESULTS, results)
     print()
     if any(n != "soak" for n in plan.scenarios):
         print(table(results))

@@ -54,7 +54,7 @@ from typing import Any, Protocol
 from appliance.errors import MirrorhaError
 from appliance.lab import Lab, LabSettings
 from appliance.replication.fusefs import child_argv
-from bench.common import BenchError, wait_for
+from bench.common import BenchError, wait_for, write_json
 from bench.failover import keep_logs, mirrorha_state, module_log, sigterm_as_interrupt
 from bench.workloads import SEQ_BLOCK, Timing
 
@@ -781,11 +781,6 @@ def host_info() -> dict[str, Any]:
     }
 
 
-def write_results(results: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(RESULTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,7 +848,7 @@ def run(sizes: Sizes) -> int:
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     results["targets"] = target_lines(results)
     results["finished"] = datetime.now().isoformat(timespec="seconds")
-    write_results(results)
+    write_json(RESULTS, results)
     print()
     print(f"Throughput, median of {sizes.repeat} round(s); b/a FUSE-only vs local, d/c "
           f"replicated vs two-copy ceiling, d/a replicated vs local ({os.cpu_count()} CPUs, "

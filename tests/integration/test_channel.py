@@ -36,21 +36,8 @@ SCENARIO_TIMEOUT_S = 20.0
 KIB, MIB = 1024, 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki")
-    tls.create_cluster_ca(directory)
-    for node in ("node1", "node2"):
-        tls.issue_node_cert(directory, node)
-    return directory
 
 
-@pytest.fixture(scope="module")
-def foreign_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("foreign")
-    tls.create_cluster_ca(directory)
-    tls.issue_node_cert(directory, "node1")
-    return directory
 
 
 @pytest.fixture

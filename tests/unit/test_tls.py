@@ -16,23 +16,8 @@ from appliance.replication.tls import TlsError
 TIMEOUT_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pki")
-    tls.create_cluster_ca(directory)
-    for node in ("node1", "node2"):
-        tls.issue_node_cert(directory, node)
-    return directory
 
 
-@pytest.fixture(scope="module")
-def foreign_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another cluster whose nodes happen to have the same names."""
-    directory = tmp_path_factory.mktemp("foreign")
-    tls.create_cluster_ca(directory)
-    for node in ("node1", "node2"):
-        tls.issue_node_cert(directory, node)
-    return directory
 
 
 def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
