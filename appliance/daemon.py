@@ -216,7 +216,17 @@ class Daemon:
             async_mode=service.rfs.async_mode,
             # No ack within the heartbeat timeout: the secondary is too slow or gone.
             ack_timeout_s=service.heart.timeout_ms / 1000)
-        return ReplicationService(settings, post=self.events.put, say=self._say)
+        return ReplicationService(settings, post=self.events.put, say=self._say,
+                                  alone_is_known=self._alone_is_known)
+
+    def _alone_is_known(self) -> bool:
+        """Unreplicated durable writes are safe to acknowledge: this node is ALONE (its new
+        generation is on disk) and the peer is gone or no longer claims to be in sync."""
+        view = self.view
+        if view.state is not State.ALONE:
+            return False
+        peer = view.peer  # its own word: it dropped in_sync once it saw our new generation
+        return peer is None or not peer.in_sync
 
     def _say(self, message: str) -> None:
         self.modlog.info(message, state=self.view.state.value)

@@ -93,9 +93,11 @@ class _Mount:
 
 class ReplicationService:
     def __init__(self, settings: ReplicationSettings,
-                 post: Callable[[object], None], say: Callable[[str], None]) -> None:
+                 post: Callable[[object], None], say: Callable[[str], None],
+                 alone_is_known: Callable[[], bool] = lambda: True) -> None:
         self.s = settings
         self.post = post
+        self.alone_is_known = alone_is_known  # see _until_alone_is_known
         self.say = say  # one line in the module log
         self.role = "stopped"
         self.sender: ReplicaSender | None = None
@@ -489,12 +491,26 @@ class ReplicationService:
         # During a resync the mounts are frozen: the only ops arriving are those already on disk
         # before the freeze, and the copy that follows includes them.
         sender = self.sender
-        if sender is None:
-            return  # ALONE: nothing to replicate to; the next resync copies everything
-        try:
-            await sender.submit(op)
-        except ReplicaBroken:
-            return  # on_broken told the engine; the application keeps running ALONE
+        if sender is not None:
+            try:
+                await sender.submit(op)
+                return
+            except ReplicaBroken:
+                pass  # on_broken told the engine; the application keeps running ALONE
+        if op.durable and not self.resyncing:
+            await self._until_alone_is_known(op)
+
+    async def _until_alone_is_known(self, op: Op) -> None:
+        """A durable op the secondary did not acknowledge may only succeed once the peer can
+        no longer take over believing it is in sync: this node is ALONE with a new generation
+        and the peer is gone or has seen it. Otherwise a crash right after the ack would lose
+        the data. Bounded: EIO rather than waiting forever."""
+        with trio.move_on_after(self.s.ack_timeout_s * 3):
+            while not self.alone_is_known():
+                await trio.sleep(0.01)  # polling the engine's view, owned by another thread
+            return
+        raise OSError(5, f"{op.kind.name} not acknowledged by {self.s.peer} and the peer was "
+                         "not yet told that this node runs alone")  # EIO
 
 
 class _MarkedApplier:
