@@ -217,7 +217,12 @@ class Daemon:
             # No ack within the heartbeat timeout: the secondary is too slow or gone.
             ack_timeout_s=service.heart.timeout_ms / 1000)
         return ReplicationService(settings, post=self.events.put, say=self._say,
-                                  alone_is_known=self._alone_is_known)
+                                  alone_is_known=self._alone_is_known,
+                                  copy_is_not_trusted=self._copy_is_not_trusted)
+
+    def _copy_is_not_trusted(self) -> bool:
+        """The local copy may be rebuilt: this node would not take over with it."""
+        return not (self.view.state is State.SECOND and self.view.in_sync)
 
     def _alone_is_known(self) -> bool:
         """Unreplicated durable writes are safe to acknowledge: this node is ALONE (its new

@@ -40,7 +40,7 @@ import trio
 from appliance import cluster
 from appliance.errors import MirrorhaError
 from appliance.replication import tls
-from appliance.replication.applier import Applier
+from appliance.replication.applier import Applier, ApplyError
 from appliance.replication.channel import (
     ConnectionRefused,
     OpRefused,
@@ -94,10 +94,12 @@ class _Mount:
 class ReplicationService:
     def __init__(self, settings: ReplicationSettings,
                  post: Callable[[object], None], say: Callable[[str], None],
-                 alone_is_known: Callable[[], bool] = lambda: True) -> None:
+                 alone_is_known: Callable[[], bool] = lambda: True,
+                 copy_is_not_trusted: Callable[[], bool] = lambda: True) -> None:
         self.s = settings
         self.post = post
         self.alone_is_known = alone_is_known  # see _until_alone_is_known
+        self.copy_is_not_trusted = copy_is_not_trusted  # see _resync_marker
         self.say = say  # one line in the module log
         self.role = "stopped"
         self.sender: ReplicaSender | None = None
@@ -349,6 +351,14 @@ class ReplicationService:
             if op.root == 0:
                 self._resync_started = time.monotonic()
                 self.post(cluster.ResyncStarted())
+                # Nothing is moved aside before the engine stopped trusting this copy: a
+                # half-rebuilt copy must never be taken over as "in sync" (this runs in the
+                # applier's worker thread, so waiting here holds the stream, nothing else).
+                deadline = time.monotonic() + 5
+                while not self.copy_is_not_trusted() and time.monotonic() < deadline:
+                    time.sleep(0.005)  # polling the engine's view, owned by another thread
+                if not self.copy_is_not_trusted():
+                    raise ApplyError(5, "the node still trusts its copy; refusing to reset it")
         elif op.kind is OpKind.RESYNC_DONE:
             self._done_roots.add(op.root)
             if len(self._done_roots) == len(self.s.dirs):
@@ -523,8 +533,10 @@ class _MarkedApplier:
     def apply(self, op: Op) -> None:
         if op.kind is OpKind.RESYNC_DONE:
             self._applier.sync()  # "in sync" only once the whole copy is on this disk
+        if op.kind is OpKind.RESET:
+            self._on_marker(op)  # before: the copy stops being trusted first
         self._applier.apply(op)
-        if op.kind in (OpKind.RESET, OpKind.RESYNC_DONE):
+        if op.kind is OpKind.RESYNC_DONE:
             self._on_marker(op)
 
     def fsync(self, root: int, path: str, datasync: bool) -> None:
