@@ -67,6 +67,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from appliance.errors import MirrorhaError
+from appliance.replication.applier import ASIDE_DIR
 from appliance.replication.protocol import (
     NO_ID,
     Ack,
@@ -171,6 +172,9 @@ def _join(parent: bytes, name: bytes) -> bytes:
 def _local(path: bytes) -> bytes:
     """The relative path for a dir_fd= call ("" is the replicated dir itself)."""
     return path or b"."
+
+
+_ASIDE = os.fsencode(ASIDE_DIR)
 
 
 class ReplicatedFs(pyfuse3.Operations):
@@ -458,6 +462,8 @@ class ReplicatedFs(pyfuse3.Operations):
             return self._attrs(ino, st, node.generation)
         path = _join(await self._path(parent_inode), name)
         try:
+            if parent_inode == ROOT and name == _ASIDE:
+                raise FileNotFoundError  # a former copy kept aside by a resync: not the app's
             st = os.stat(path, dir_fd=self._root, follow_symlinks=False)
         except FileNotFoundError:
             if self._read_only:
@@ -566,7 +572,8 @@ class ReplicatedFs(pyfuse3.Operations):
         d = self._dirs[fh]
         if start_id == 0 or d.names is None:
             # A snapshot per listing: offsets stay valid whatever is created or removed.
-            d.names = sorted(os.fsencode(n) for n in os.listdir(d.fd))
+            d.names = sorted(os.fsencode(n) for n in os.listdir(d.fd)
+                             if d.ino != ROOT or os.fsencode(n) != _ASIDE)
         for index in range(start_id, len(d.names)):
             name = d.names[index]
             try:
