@@ -448,6 +448,12 @@ class _RateLimitedLog:
         log.log(level, message, exc_info=exc)
 
 
+def _close_pipe(pipe: tuple[int, int] | None) -> None:
+    if pipe is not None:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
 def _wake_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     return r, w
@@ -552,10 +558,8 @@ class HeartbeatLink:
             s.close()
         self._socks = []
         with self._lock:
-            if self._wake is not None:
-                os.close(self._wake[0])
-                os.close(self._wake[1])
-                self._wake = None
+            _close_pipe(self._wake)
+            self._wake = None
 
     def send_now(self) -> None:
         """Send a heartbeat on every network as soon as possible (the payload changed)."""
@@ -970,10 +974,8 @@ class Witness:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._wake is not None:
-            os.close(self._wake[0])
-            os.close(self._wake[1])
-            self._wake = None
+        _close_pipe(self._wake)
+        self._wake = None
 
     def reachable(self, max_age_s: float) -> bool:
         """A reply from the witness was received within the last `max_age_s` seconds."""

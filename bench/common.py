@@ -3,12 +3,17 @@ record of one crash-and-takeover run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import statistics
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 from appliance.errors import MirrorhaError
@@ -134,3 +139,37 @@ def crash_run(
         uncertainty_s=answered - since,
         failed_attempts=failed,
     )
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` removes its lab."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_bench(prog: str, needs: str, prepare: Callable[[], T], run: Callable[[T], int],
+              interrupted: str) -> int:
+    """The shared entry point of a benchmark: root check, argument errors as one line,
+    SIGTERM treated like Ctrl-C so that every lab is removed."""
+    if os.geteuid() != 0:
+        print(f"{prog}: needs root ({needs})", file=sys.stderr)
+        return 2
+    try:
+        plan = prepare()
+    except BenchError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    with sigterm_as_interrupt():
+        try:
+            return run(plan)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+            return 130

@@ -29,14 +29,12 @@ import os
 import platform
 import re
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 from appliance import control
@@ -50,6 +48,7 @@ from bench.common import (
     Takeover,
     crash_run,
     parse_log_time,
+    run_bench,
     wait_for,
     write_json,
 )
@@ -629,18 +628,6 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return Plan(chosen, runs, soak_s)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every `finally` removes its lab."""
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run(plan: Plan) -> int:
@@ -679,20 +666,8 @@ def run(plan: Plan) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.failover: needs root (the lab creates network namespaces)", file=sys.stderr)
-        return 2
-    try:
-        plan = plan_from(args)
-    except BenchError as e:
-        print(f"bench.failover: {e}", file=sys.stderr)
-        return 2
-    with sigterm_as_interrupt():
-        try:
-            return run(plan)
-        except KeyboardInterrupt:
-            print("bench.failover: interrupted; the labs were removed", file=sys.stderr)
-            return 130
+    return run_bench("bench.failover", "the lab creates network namespaces",
+                     lambda: plan_from(args), run, "the labs were removed")
 
 
 if __name__ == "__main__":

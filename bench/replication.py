@@ -54,8 +54,8 @@ from typing import Any, Protocol
 from appliance.errors import MirrorhaError
 from appliance.lab import Lab, LabSettings
 from appliance.replication.fusefs import child_argv
-from bench.common import BenchError, wait_for, write_json
-from bench.failover import keep_logs, mirrorha_state, module_log, sigterm_as_interrupt
+from bench.common import BenchError, run_bench, wait_for, write_json
+from bench.failover import keep_logs, mirrorha_state, module_log
 from bench.workloads import SEQ_BLOCK, Timing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -867,22 +867,8 @@ def run(sizes: Sizes) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.replication: needs root (FUSE mounts, the lab's namespaces)",
-              file=sys.stderr)
-        return 2
-    try:
-        sizes = sizes_from(args)
-    except BenchError as e:
-        print(f"bench.replication: {e}", file=sys.stderr)
-        return 2
-    with sigterm_as_interrupt():
-        try:
-            return run(sizes)
-        except KeyboardInterrupt:
-            print("bench.replication: interrupted; the lab and scratch files were removed",
-                  file=sys.stderr)
-            return 130
+    return run_bench("bench.replication", "FUSE mounts, the lab's namespaces",
+                     lambda: sizes_from(args), run, "the lab and scratch files were removed")
 
 
 if __name__ == "__main__":
