@@ -117,6 +117,9 @@ class Cluster:
 
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+# Two labs with different prefixes are fully separate (own namespaces, lab dir, registry), so
+# two developers (or loops) may run the e2e tests side by side.
+E2E_PREFIX = os.environ.get("MIRRORHA_E2E_PREFIX", "mhe")
 
 
 def keep_logs(lab: Lab, test_name: str) -> None:
@@ -149,7 +152,7 @@ def lab_settings() -> LabSettings:
 def cluster(lab_settings: LabSettings, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces, VIPs)")
-    for c in make_lab("mhe", lab_settings, request.node.name):
+    for c in make_lab(E2E_PREFIX, lab_settings, request.node.name):
         with DualRunMonitor(c.lab) as monitor:
             t0 = time.monotonic()
             yield c
