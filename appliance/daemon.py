@@ -215,7 +215,8 @@ class Daemon:
             control_socket=self.paths.module_dir / "fuse.sock",
             async_mode=service.rfs.async_mode,
             # No ack within the heartbeat timeout: the secondary is too slow or gone.
-            ack_timeout_s=service.heart.timeout_ms / 1000)
+            ack_timeout_s=service.heart.timeout_ms / 1000,
+            journal_path=self.paths.module_dir / "journal.json", nbrei=service.rfs.nbrei)
         return ReplicationService(settings, post=self.events.put, say=self._say,
                                   alone_is_known=self._alone_is_known,
                                   copy_is_not_trusted=self._copy_is_not_trusted)
@@ -306,6 +307,7 @@ class Daemon:
         self._stop_leftover_app()
         if self.replication:
             self.replication.start()
+            self.replication.synced_at(self.view.memory.synced.as_list())
         if start:
             # Decide WAIT before the first heartbeat: a booting node must never be seen as
             # STOP, or a peer booting at the same moment would start alone without electing.
@@ -409,7 +411,8 @@ class Daemon:
         identical = (view.state is State.PRIM and view.peer.in_sync
                      and view.peer.memory.gen == view.memory.gen)
         if not repl.streaming() or (not identical and not view.peer.in_sync):
-            repl.request_sync(full=not identical)
+            mode, base = sync_mode(view.memory, view.peer.memory, identical)
+            repl.request_sync(mode, base)
 
     def _set_replication_role(self, role: str) -> None:
         if self.replication is None or self.replication.role == role:
@@ -480,6 +483,8 @@ class Daemon:
                 self.modlog.error(f"cannot record the node state ({e}); not acting on: "
                                   f"{decision.reason}", state=old.state.value)
                 return
+            if new.memory.synced != old.memory.synced and self.replication:
+                self.replication.synced_at(new.memory.synced.as_list())
         if decision.reason:
             arrow = f"{old.state} -> {new.state}" if new.state != old.state else f"{new.state}"
             line = f"{arrow}: {decision.reason}"
@@ -610,6 +615,23 @@ def _interface_name(vip: VirtualIp) -> str:
         return vip.resolve_interface()[0]
     except (VipError, OSError):
         return str(vip.addr)
+
+
+def sync_mode(me: cluster.Memory, peer: cluster.Memory, identical: bool
+              ) -> tuple[str, list[Any] | None]:
+    """How the primary brings its SECOND level: ("attach" | "reintegrate" | "full", base).
+
+    A peer that wrote on its own (split brain, resolved in our favour) gets a full copy: its
+    divergent data is set aside there, never overwritten in place. Otherwise only what differs
+    is sent; `base` is the generation both copies last had when the peer wrote nothing since
+    (then the journals of both sides can say what differs), else None (checksums decide)."""
+    if identical:
+        return "attach", None
+    if peer.wrote_alone:
+        return "full", None
+    if peer.gen == peer.synced == me.synced and me.synced.counter > 0:
+        return "reintegrate", me.synced.as_list()
+    return "reintegrate", None
 
 
 def replication_role(state: State) -> str:

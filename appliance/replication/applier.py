@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from appliance.errors import MirrorhaError
+from appliance.replication import inventory
 from appliance.replication.protocol import NO_ID, Op, OpKind, SetattrField
 
 RENAME_NOREPLACE = 1
@@ -52,6 +53,7 @@ FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 FSYNC_DATASYNC = 1  # Op.flags of FSYNC
 DEFAULT_MAX_OPEN_FILES = 64
+NOT_A_FILE = 2**64 - 1  # SUMS answer's size when the path is no regular file
 
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # Intermediate directories: O_PATH is enough for *at() calls and cannot have side effects.
@@ -97,9 +99,11 @@ class Applier:
     """Applies `Op`s, in the order given, inside the replicated directories `roots`."""
 
     def __init__(
-        self, roots: Sequence[Path], *, max_open_files: int = DEFAULT_MAX_OPEN_FILES
+        self, roots: Sequence[Path], *, max_open_files: int = DEFAULT_MAX_OPEN_FILES,
+        workers: int = 1,
     ) -> None:
         self._roots = [Path(r) for r in roots]
+        self._workers = max(1, workers)  # nbrei: threads computing block checksums
         self._root_fds: list[int] = []
         self._max_open = max(1, max_open_files)
         self._files: OrderedDict[tuple[int, str], int] = OrderedDict()
@@ -129,6 +133,7 @@ class Applier:
             OpKind.SYNC: lambda op: self._sync(),
             OpKind.RESET: self._reset,
             OpKind.RESYNC_DONE: lambda op: None,  # a marker for whoever drives the applier
+            OpKind.REINT_BEGIN: lambda op: None,  # likewise
         }
 
     # -- public ---------------------------------------------------------------------------------
@@ -147,6 +152,42 @@ class Applier:
             raise ApplyError(code, f"{_describe(op)}: {e.strerror or os.strerror(code)}") from e
         except OverflowError as e:  # an offset, size or id that does not fit the C type
             raise ApplyError(EINVAL, f"{_describe(op)}: value out of range ({e})") from e
+
+    def query(self, op: Op, header: dict[str, object] | None = None) -> bytes:
+        """The answer to a query op: LIST (this copy's tree, after `header`) or SUMS (u64 size
+        of the regular file, or 2**64-1 when it is none, then its block digests)."""
+        try:
+            if op.kind is OpKind.LIST:
+                entries = inventory.list_tree(self._root_fd(op.root), ASIDE_DIR)
+                return inventory.encode_listing(header or {}, entries)
+            if op.kind is OpKind.SUMS:
+                return self._sums(op)
+        except ConfinementError as e:
+            raise ConfinementError(f"{_describe(op)}: {e}") from None
+        except OSError as e:
+            code = e.errno or EIO
+            raise ApplyError(code, f"{_describe(op)}: {e.strerror or os.strerror(code)}") from e
+        raise ApplyError(EINVAL, f"{_describe(op)}: not a query")
+
+    def _sums(self, op: Op) -> bytes:
+        if not 4096 <= op.length <= 16 * 1024 * 1024:
+            raise OSError(EINVAL, f"checksum block of {op.length} bytes")
+        with self._parent(op.root, op.path) as (dir_fd, name):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+            except (FileNotFoundError, OSError) as e:
+                if e.errno in (errno.ENOENT, ELOOP, errno.ENXIO):
+                    return NOT_A_FILE.to_bytes(8, "big")
+                raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return NOT_A_FILE.to_bytes(8, "big")
+            sums = inventory.block_sums(fd, st.st_size, op.length, self._workers)
+            return st.st_size.to_bytes(8, "big") + sums
+        finally:
+            os.close(fd)
 
     def fsync(self, root: int, path: str, datasync: bool) -> None:
         """Make one file or directory durable ("" = the replicated dir itself)."""
@@ -426,6 +467,24 @@ def _describe(op: Op) -> str:
     if op.kind in (OpKind.RENAME, OpKind.LINK, OpKind.SYMLINK):
         where += f" -> {op.path2!r}"
     return f"{op.kind.name} #{op.seq} {where}"
+
+
+def open_confined(root_fd: int, path: str, flags: int) -> int:
+    """Open `path` below the directory `root_fd` without following a symlink anywhere (the
+    primary's reintegration reads its own live tree with it: a directory swapped for a symlink
+    meanwhile must not lead it outside)."""
+    *dirs, name = _components(path)
+    fd = root_fd
+    try:
+        for component in dirs:
+            child = _step(fd, component)
+            if fd != root_fd:
+                os.close(fd)
+            fd = child
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
 
 
 def _components(path: str) -> list[str]:

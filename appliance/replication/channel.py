@@ -55,6 +55,7 @@ import trio
 from appliance.errors import MirrorhaError
 from appliance.replication import tls
 from appliance.replication.protocol import (
+    MAX_REPLY,
     Ack,
     Frame,
     Hello,
@@ -62,6 +63,7 @@ from appliance.replication.protocol import (
     Op,
     OpKind,
     ProtocolError,
+    Reply,
     decode,
     encode,
     frame_length,
@@ -102,6 +104,7 @@ class ApplierLike(Protocol):
     """What the receiver needs from appliance.replication.applier.Applier."""
 
     def apply(self, op: Op) -> None: ...
+    def query(self, op: Op) -> bytes: ...
     def fsync(self, root: int, path: str, datasync: bool) -> None: ...
     def sync(self) -> None: ...
 
@@ -272,6 +275,8 @@ class ReplicaSender:
         self._last_progress = time.monotonic()
         self.submitted_ops = 0
         self.submitted_bytes = 0
+        self._replies: dict[int, list[bytes]] = {}  # query seq -> answer parts so far
+        self._answered: dict[int, trio.Event] = {}
 
     # -- connection
 
@@ -348,6 +353,22 @@ class ReplicaSender:
     async def submit(self, op: Op) -> None:
         """Send `op` (its seq is assigned here); see the module docstring for when this returns.
         Raises ReplicaBroken, or ProtocolError for an op that cannot be encoded (not sent)."""
+        await self._submit(op)
+
+    async def query(self, op: Op) -> bytes:
+        """Send a query op (LIST, SUMS) in its place in the stream and return the secondary's
+        answer: it describes the secondary's copy after every op sent before it."""
+        if not op.query:
+            raise ValueError(f"{op.kind.name} is not a query")
+        seq = await self._submit(op)
+        done = self._answered[seq]
+        while not done.is_set():
+            self._raise_if_broken()
+            await self._changed.wait()
+        del self._answered[seq]
+        return b"".join(self._replies.pop(seq))
+
+    async def _submit(self, op: Op) -> int:
         self._raise_if_broken()
         if self._stream is None:
             raise ReplicaBroken(f"replication to {self.peer} is not connected")
@@ -368,6 +389,7 @@ class ReplicaSender:
             while self._durable_seq < seq:
                 self._raise_if_broken()
                 await self._changed.wait()
+        return seq
 
     def _fits(self, size: int) -> bool:
         # An op larger than the window goes alone: it must not wait forever.
@@ -385,6 +407,9 @@ class ReplicaSender:
         self._in_flight_bytes += op.size
         if op.durable:
             self._max_durable_seq = seq
+        if op.query:
+            self._replies[seq] = []
+            self._answered[seq] = trio.Event()
         self.submitted_ops += 1
         self.submitted_bytes += op.size
         self._send_q.send_nowait(frame)
@@ -466,6 +491,14 @@ class ReplicaSender:
                 if seq >= self._next_seq:
                     raise ProtocolError(f"ack of seq {seq}, never sent")
                 self._on_ack(seq, durable)
+            case Reply(seq, last, payload):
+                parts = self._replies.get(seq)
+                if parts is None or self._answered[seq].is_set():
+                    raise ProtocolError(f"reply to seq {seq}, which is no pending query")
+                parts.append(payload)
+                if last:
+                    self._answered[seq].set()
+                    self._notify()
             case Nack(seq, err, message):
                 self._nack = frame
                 name = errno.errorcode.get(err, str(err))
@@ -598,6 +631,7 @@ class _Session:
         self.ack_seq = first_seq - 1  # what Ack(durable=False) may claim
         self.durable_seq = first_seq - 1
         self.nack: Nack | None = None
+        self.replies: list[bytes] = []  # encoded REPLY frames, sent before the next acks
         self.stop_reason = ""
         self.read_scope = trio.CancelScope()
         self.applied_all = trio.Event()
@@ -832,7 +866,10 @@ class ReplicaReceiver:
                     batch = await queue.take()
                     if not batch:
                         return
-                    done, error = await trio.to_thread.run_sync(self._apply_batch, batch)
+                    done, error, answers = await trio.to_thread.run_sync(
+                        self._apply_batch, batch)
+                    for seq, payload in answers:
+                        session.replies.extend(_reply_frames(seq, payload))
                     if done:
                         self._applied(session, batch[done - 1], done)
                     if error is not None:
@@ -843,19 +880,24 @@ class ReplicaReceiver:
                 session.applied_all.set()
                 session.notify()
 
-    def _apply_batch(self, batch: list[Op]) -> tuple[int, Exception | None]:
-        """In a worker thread: apply in order, stop at the first failure (index, error)."""
+    def _apply_batch(self, batch: list[Op]
+                     ) -> tuple[int, Exception | None, list[tuple[int, bytes]]]:
+        """In a worker thread: apply in order, stop at the first failure (index, error);
+        the answers of query ops (seq, payload)."""
+        answers: list[tuple[int, bytes]] = []
         for i, op in enumerate(batch):
             try:
-                if op.kind == OpKind.FSYNC:
+                if op.query:
+                    answers.append((op.seq, self._applier.query(op)))
+                elif op.kind == OpKind.FSYNC:
                     self._applier.fsync(op.root, op.path, bool(op.flags & 1))
                 elif op.kind == OpKind.SYNC:
                     self._applier.sync()
                 else:
                     self._applier.apply(op)
             except Exception as e:
-                return i, e
-        return len(batch), None
+                return i, e, answers
+        return len(batch), None, answers
 
     def _applied(self, session: _Session, last: Op, count: int) -> None:
         session.applied_seq = self.last_applied_seq = last.seq
@@ -884,7 +926,7 @@ class ReplicaReceiver:
         nack_sent = False
         try:
             while True:
-                parts = []
+                parts, session.replies = session.replies, []
                 if session.durable_seq > sent_durable:
                     sent_durable = session.durable_seq
                     sent_ack = max(sent_ack, sent_durable)
@@ -920,6 +962,11 @@ class ReplicaReceiver:
             self._on_event(event)
         except Exception:
             log.exception("replication on_event callback failed")
+
+
+def _reply_frames(seq: int, payload: bytes) -> list[bytes]:
+    chunks = [payload[i:i + MAX_REPLY] for i in range(0, len(payload), MAX_REPLY)] or [b""]
+    return [encode(Reply(seq, i == len(chunks) - 1, chunk)) for i, chunk in enumerate(chunks)]
 
 
 def _nack_for(op: Op, error: Exception) -> Nack:

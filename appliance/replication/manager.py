@@ -13,9 +13,18 @@ forwards every mutation over a local socket; this service hands them to the send
 order and answers each one when the sender accepted it (or, for fsync and friends, when the
 secondary acknowledged it durably).
 
-Full resync (when the peer is SECOND and not in sync): connect, freeze the mounts (mutations
-wait before touching the disk, in-flight ones drain), stream every dir (resync.full_copy), go
-live, unfreeze. The application is never stopped: its writes pause for the copy.
+Reintegration (the peer is SECOND, not in sync, and wrote nothing on its own: the normal return
+of a node): only what differs is sent, while the application keeps writing. REINT_BEGIN (the
+secondary stops trusting its copy, and remembers it on disk), LIST (its tree and its journal's
+summary), then a first pass, mounts NOT frozen: compare both trees and send what differs (the
+journal's dirty zones, or block checksums where the journal cannot tell), the application's
+new writes being recorded in the journal meanwhile; then a second pass with the mounts frozen
+for what changed during the first one (usually little), SYNC, go live, RESYNC_DONE, unfreeze.
+See reintegrate.py for the comparison, journal.py for what is recorded and when it is trusted.
+
+Full resync (split brain: the peer's divergent data is set aside, never overwritten): connect,
+freeze the mounts (mutations wait before touching the disk, in-flight ones drain), stream every
+dir (resync.full_copy), go live, unfreeze. The application is paused for the copy.
 
 Events for the daemon's engine are posted with `post` (thread-safe): cluster.ResyncDone on the
 secondary when the copy is complete, cluster.ReplicationLost on the primary when the stream broke.
@@ -39,7 +48,7 @@ import trio
 
 from appliance import cluster
 from appliance.errors import MirrorhaError
-from appliance.replication import tls
+from appliance.replication import inventory, reintegrate, tls
 from appliance.replication.applier import Applier, ApplyError
 from appliance.replication.channel import (
     ConnectionRefused,
@@ -53,13 +62,17 @@ from appliance.replication.channel import (
     open_receiver_listener,
 )
 from appliance.replication.fusefs import MountChannel, child_argv, detach_stale_mounts
+from appliance.replication.journal import DirtyJournal, Snapshot, write_state
 from appliance.replication.protocol import Op, OpKind
 from appliance.replication.resync import full_copy
 
 log = logging.getLogger("mirrorha.replication")
 
 ROLES = ("stopped", "idle", "secondary", "primary")
+SYNC_MODES = ("attach", "reintegrate", "full")
 MOUNT_TIMEOUT_S = 15.0
+JOURNAL_WRITE_S = 1.0  # the journal file is rewritten at most this often (when it changed)
+BARRIER_S = 2.0  # a SYNC barrier this often while streaming bounds what the peer may lack
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,8 @@ class ReplicationSettings:
     control_socket: Path
     async_mode: str = "second"
     ack_timeout_s: float = 5.0
+    journal_path: Path | None = None  # None: kept in memory only (tests)
+    nbrei: int = 3  # checksum workers on each side
 
 
 class ReplicationError(MirrorhaError):
@@ -105,7 +120,7 @@ class ReplicationService:
         self.sender: ReplicaSender | None = None
         self.receiver: ReplicaReceiver | None = None
         self.resyncing = False
-        self.counters = {"resyncs": 0, "resync_bytes": 0, "lost": 0}
+        self.counters = {"resyncs": 0, "reintegrations": 0, "resync_bytes": 0, "lost": 0}
         self._mounts: list[_Mount] = []
         self._backing_fds: list[int] = []
         self._applier: Applier | None = None
@@ -119,6 +134,13 @@ class ReplicationService:
         self._done_roots: set[int] = set()
         self._receiver_done: trio.Event | None = None
         self._sender_from_copy = False  # the live stream began with a full copy
+        self.journal = DirtyJournal(settings.journal_path or Path("/nonexistent/journal.json"),
+                                    len(settings.dirs))
+        # The journal is changed by the trio thread (primary) and by the applier's worker
+        # thread (secondary markers); the writer takes a consistent state under this lock.
+        self._journal_lock = threading.Lock()
+        self._barrier_running = False
+        self._incoming: dict[str, Any] = {}  # secondary: the copy being received (log line)
 
     # -- thread-side API (daemon engine) ---------------------------------------------------
 
@@ -144,12 +166,25 @@ class ReplicationService:
             raise ValueError(role)
         self._call(self._set_role, role)
 
-    def request_sync(self, full: bool = True) -> None:
-        """Primary whose peer is SECOND without a live stream: full resync when the peer is
-        not in sync; just connect (`full=False`) when its copy is known identical (after a
-        swap: the old primary drained its stream before handing over)."""
+    def request_sync(self, mode: str = "full", base: list[Any] | None = None) -> None:
+        """Primary whose peer is SECOND without a live stream: `attach` when its copy is known
+        identical (after a swap: the old primary drained its stream before handing over),
+        `reintegrate` when it only lags behind (`base`: the generation both copies last had,
+        if the peer wrote nothing since — then the journals may say what differs), `full`
+        when its data diverged (split brain: set aside there, everything copied)."""
+        if mode not in SYNC_MODES:
+            raise ValueError(mode)
         if self._token is not None:
-            trio.from_thread.run_sync(self._request_sync, full, trio_token=self._token)
+            trio.from_thread.run_sync(self._request_sync, mode, base, trio_token=self._token)
+
+    def synced_at(self, generation: list[Any]) -> None:
+        """The daemon's record of the generation both copies last had (journal base)."""
+        if self._token is not None:
+            trio.from_thread.run_sync(self._rebase, generation, trio_token=self._token)
+
+    def _rebase(self, generation: list[Any]) -> None:
+        with self._journal_lock:
+            self.journal.rebase(generation)
 
     def attach_now(self) -> bool:
         """Become the stream's source before the application starts (the new primary of a
@@ -184,6 +219,7 @@ class ReplicationService:
             "lag_ops": lag.ops if lag else 0,
             "lag_seconds": lag.seconds if lag else 0.0,
             "receiver": dict(receiver.counters) if receiver else None,
+            "journal_bytes": self.journal.volume(),
             **self.counters,
         }
 
@@ -201,10 +237,54 @@ class ReplicationService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self._serve_control)
+            nursery.start_soon(self._journal_keeper)
             self._started.set()
             await self._stop.wait()
             nursery.cancel_scope.cancel()
+        # Stopped in order (unmounted: nothing can change any more) = a clean journal.
+        self._write_journal(clean=self.role == "stopped")
         self._close_backing()
+
+    # -- the journal -----------------------------------------------------------------------
+
+    def _write_journal(self, *, clean: bool = False) -> None:
+        if self.s.journal_path is None:
+            return
+        with self._journal_lock:
+            state = self.journal.state(clean=clean)
+        try:
+            write_state(self.s.journal_path, state)
+        except OSError as e:
+            log.error("cannot write the dirty-zone journal %s: %s", self.s.journal_path, e)
+            self.journal.changed = True
+
+    async def _journal_keeper(self) -> None:
+        """Rewrites the journal file when it changed; while streaming, sends SYNC barriers so
+        that what the peer may lack (acknowledged is not yet on its disk) stays small."""
+        last_barrier = time.monotonic()
+        while True:
+            await trio.sleep(JOURNAL_WRITE_S)
+            sender = self.sender
+            if (sender is not None and sender.broken is None and not self._barrier_running
+                    and time.monotonic() - last_barrier >= BARRIER_S):
+                last_barrier = time.monotonic()
+                epoch = self.journal.rotate()
+                if epoch is not None:
+                    assert self._nursery is not None
+                    self._barrier_running = True
+                    self._nursery.start_soon(self._barrier, sender, epoch)
+            if self.journal.changed:
+                await trio.to_thread.run_sync(self._write_journal)
+
+    async def _barrier(self, sender: ReplicaSender, epoch: int) -> None:
+        try:
+            await sender.submit(Op(OpKind.SYNC, 0, ""))
+            if self.sender is sender:
+                self.journal.durable(epoch)
+        except ReplicaBroken:
+            pass  # on_broken spilled the epochs into the journal
+        finally:
+            self._barrier_running = False
 
     def _stop_now(self) -> None:
         assert self._stop is not None
@@ -216,7 +296,10 @@ class ReplicationService:
             detach_stale_mounts(directory)
             directory.mkdir(parents=True, exist_ok=True)
         self._backing_fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in self.s.dirs]
-        self._applier = Applier(list(self.s.dirs))
+        self._applier = Applier(list(self.s.dirs), workers=self.s.nbrei)
+        if self.s.journal_path is not None:
+            self.say(self.journal.load())
+            self._write_journal()  # from now on a crash is seen as one
         self._mounts = [_Mount(i, d) for i, d in enumerate(self.s.dirs)]
 
     def _close_backing(self) -> None:
@@ -280,6 +363,9 @@ class ReplicationService:
                 await self._receiver_done.wait()
         if role != "primary":
             await self._drain_and_drop_sender()
+        with self._journal_lock:
+            self.journal.writing = role == "primary"
+            self.journal.changed = True
         if role == "stopped":
             await self._unmount_all()
         else:
@@ -327,7 +413,9 @@ class ReplicationService:
         listener = await open_receiver_listener(self.s.listen_addr, self.s.port, ctx)
         self._done_roots = set()
         self.receiver = ReplicaReceiver(
-            _MarkedApplier(self._applier, self._resync_marker), node=self.s.node,
+            _MarkedApplier(self._applier, self._resync_marker, self._listing_header,
+                           self._count_incoming),
+            node=self.s.node,
             async_mode=self.s.async_mode, on_event=self._receiver_event, module=self.s.module,
             expected_peer=self.s.peer)
         scope = trio.CancelScope()
@@ -344,9 +432,16 @@ class ReplicationService:
                 done.set()
         self._nursery.start_soon(serve)
 
+    def _listing_header(self, root: int) -> dict[str, Any]:
+        """Sent before this node's tree in the answer to LIST (applier thread)."""
+        with self._journal_lock:
+            summary = self.journal.summary()
+        return {"journal": summary,
+                "root": inventory.root_entry(self._backing_fds[root]).to_json()}
+
     def _resync_marker(self, op: Op) -> None:
-        """Called in the applier's thread for RESET / RESYNC_DONE."""
-        if op.kind is OpKind.RESET:
+        """Called in the applier's thread for RESET / REINT_BEGIN / RESYNC_DONE."""
+        if op.kind in (OpKind.RESET, OpKind.REINT_BEGIN):
             self._done_roots.discard(op.root)
             if op.root == 0:
                 self._resync_started = time.monotonic()
@@ -359,11 +454,29 @@ class ReplicationService:
                     time.sleep(0.005)  # polling the engine's view, owned by another thread
                 if not self.copy_is_not_trusted():
                     raise ApplyError(5, "the node still trusts its copy; refusing to reset it")
+                # Remembered on disk before anything changes: a copy interrupted now must be
+                # compared in full next time, whatever the journals say.
+                with self._journal_lock:
+                    self.journal.set_torn()
+                self._write_journal()
+                what = "full copy" if op.kind is OpKind.RESET else f"reintegration ({op.path2})"
+                self._incoming = {"what": what, "bytes": 0}
         elif op.kind is OpKind.RESYNC_DONE:
             self._done_roots.add(op.root)
             if len(self._done_roots) == len(self.s.dirs):
                 took = time.monotonic() - self._resync_started
-                self.post(cluster.ResyncDone(f"full copy from {self.s.peer} in {took:.2f} s"))
+                with self._journal_lock:
+                    self.journal.reset_identical(None)
+                self._write_journal()
+                what = self._incoming.get("what", "copy")
+                mib = self._incoming.get("bytes", 0) / 1048576
+                detail = f"{what} from {self.s.peer}: {mib:.1f} MiB of data in {took:.2f} s"
+                self.say(f"{detail}; this copy is now identical")
+                self.post(cluster.ResyncDone(detail))
+
+    def _count_incoming(self, op: Op) -> None:
+        if op.kind is OpKind.WRITE and self._incoming:
+            self._incoming["bytes"] += len(op.data)
 
     def _receiver_event(self, event: ReceiverEvent) -> None:
         match event:
@@ -378,17 +491,22 @@ class ReplicationService:
 
     # -- primary side ----------------------------------------------------------------------
 
-    def _request_sync(self, full: bool) -> None:
+    def _request_sync(self, mode: str, base: list[Any] | None) -> None:
         if self.role != "primary" or self.resyncing:
             return
         if self.sender is not None and self.sender.broken is None:
-            if not full or self._sender_from_copy:
+            if mode == "attach" or self._sender_from_copy:
                 return
-            self._drop_sender("a full copy is needed")  # an attached stream over a gap
+            self._drop_sender("the copies differ")  # an attached stream over a gap
         self._sender_from_copy = False
         assert self._nursery is not None
         self.resyncing = True
-        self._nursery.start_soon(self._resync if full else self._attach)
+        if mode == "attach":
+            self._nursery.start_soon(self._attach)
+        elif mode == "full":
+            self._nursery.start_soon(self._resync)
+        else:
+            self._nursery.start_soon(self._reintegrate, base)
 
     async def _connect(self) -> ReplicaSender:
         this: list[ReplicaSender] = []  # the sender, for its own on_broken
@@ -427,6 +545,7 @@ class ReplicationService:
         try:
             sender = await self._connect()
             await self._freeze(True)  # mutations wait before touching the disk
+            self.journal.take()  # the copy sends everything recorded so far
             try:
                 total = 0
                 for i, fd in enumerate(self._backing_fds):
@@ -435,9 +554,11 @@ class ReplicationService:
                 await sender.submit(Op(OpKind.SYNC, 0, ""))
                 self.sender = sender  # live from the first mutation after the freeze
                 self._sender_from_copy = True
+                self.journal.commit(None)  # the SYNC above made the copy durable there
                 for i in range(len(self._backing_fds)):  # the secondary may now say in sync
                     await sender.submit(Op(OpKind.RESYNC_DONE, i, ""))
             except BaseException:
+                self.journal.abort()
                 if self.sender is not sender:
                     await sender.aclose()
                 raise
@@ -454,6 +575,77 @@ class ReplicationService:
             self.say(f"resync to {self.s.peer} failed (internal error): {e!r}")
         finally:
             self.resyncing = False
+
+    async def _reintegrate(self, base: list[Any] | None) -> None:
+        started = time.monotonic()
+        stats = reintegrate.Stats()
+        try:
+            sender = await self._connect()
+            try:
+                mode = await self._reintegration_passes(sender, base, stats)
+            except BaseException:
+                self.journal.abort()  # what was taken is still to be sent
+                if self.sender is not sender:
+                    await sender.aclose()
+                raise
+            self.counters["reintegrations"] += 1
+            self.counters["resync_bytes"] += stats.bytes
+            took = time.monotonic() - started
+            self.say(f"reintegration of {self.s.peer} ({mode} mode): "
+                     f"{reintegrate.describe(stats, took)}; replicating synchronously")
+        except (ReplicaBroken, OSError, MirrorhaError) as e:
+            self.say(f"reintegration of {self.s.peer} failed: {e}")
+        except Exception as e:  # a bug must not take the mounts down with the loop
+            log.exception("reintegration failed")
+            self.say(f"reintegration of {self.s.peer} failed (internal error): {e!r}")
+        finally:
+            self.resyncing = False
+
+    async def _reintegration_passes(self, sender: ReplicaSender, base: list[Any] | None,
+                                    stats: reintegrate.Stats) -> str:
+        """Pass 1 with the application writing (recorded meanwhile), pass 2 frozen for what
+        changed during pass 1, then live. Returns the mode of pass 1."""
+        peer = await self._peer_sides(sender)
+        summary = peer[0][0]
+        mode = "journal" if (
+            base is not None and self.journal.valid and self.journal.base == base
+            and summary.get("valid") is True and summary.get("torn") is False) else "checksum"
+        await sender.submit(Op(OpKind.REINT_BEGIN, 0, "", path2=mode))
+        await self._pass(sender, peer, self.journal.take(), mode, stats)
+        await self._freeze(True)
+        try:
+            again = [(h, reintegrate.Side(side.entries, side.root))
+                     for h, side in await self._peer_sides(sender)]
+            await self._pass(sender, again, self.journal.take(), "journal", stats)
+            await sender.submit(Op(OpKind.SYNC, 0, ""))  # all of it on the peer's disk
+            self.journal.commit(None)
+            self.sender = sender  # live from the first mutation after the freeze
+            self._sender_from_copy = True
+            for i in range(len(self._backing_fds)):  # the secondary may now say in sync
+                await sender.submit(Op(OpKind.RESYNC_DONE, i, ""))
+        finally:
+            await self._freeze(False)
+        return mode
+
+    async def _peer_sides(self, sender: ReplicaSender
+                          ) -> list[tuple[dict[str, Any], reintegrate.Side]]:
+        """The secondary's tree of each dir (LIST) and its journal's summary."""
+        out = []
+        for i in range(len(self._backing_fds)):
+            payload = await sender.query(Op(OpKind.LIST, i, ""))
+            try:
+                out.append(reintegrate.peer_side(payload, i))
+            except ValueError as e:
+                raise ReplicationError(f"{self.s.peer} described its copy badly: {e}") from None
+        return out
+
+    async def _pass(self, sender: ReplicaSender,
+                    peer: list[tuple[dict[str, Any], reintegrate.Side]], snap: Snapshot,
+                    mode: str, stats: reintegrate.Stats) -> None:
+        for i, fd in enumerate(self._backing_fds):
+            stats.add(await reintegrate.sync_pass(
+                i, fd, peer[i][1], snap.dirt[i], snap.suspect_since, mode, sender.submit,
+                sender.query, self.s.nbrei))
 
     async def _freeze(self, frozen: bool) -> None:
         for m in self._mounts:
@@ -475,10 +667,12 @@ class ReplicationService:
             return  # an old or unfinished stream: nobody relied on it
         self.counters["lost"] += 1
         self.sender = None
+        self.journal.spill()  # what the peer may lack: recorded before anything else runs
         self.post(cluster.ReplicationLost(reason))
 
     def _drop_sender(self, reason: str) -> None:
         sender, self.sender = self.sender, None
+        self.journal.spill()
         if sender is not None and self._nursery is not None:
             self._nursery.start_soon(sender.aclose)
 
@@ -488,10 +682,16 @@ class ReplicationService:
         sender, self.sender = self.sender, None
         if sender is None:
             return
+        drained = False
         if sender.broken is None:
             with trio.move_on_after(self.s.ack_timeout_s * 2):
                 with contextlib.suppress(ReplicaBroken):
                     await sender.submit(Op(OpKind.SYNC, 0, ""))
+                    drained = True
+        if drained:
+            self.journal.drained()
+        else:
+            self.journal.spill()
         await sender.aclose()
 
     async def submit(self, op: Op) -> None:
@@ -501,12 +701,15 @@ class ReplicationService:
         # During a resync the mounts are frozen: the only ops arriving are those already on disk
         # before the freeze, and the copy that follows includes them.
         sender = self.sender
-        if sender is not None:
+        if sender is not None and sender.broken is None:
+            self.journal.note(op)
             try:
                 await sender.submit(op)
                 return
             except ReplicaBroken:
-                pass  # on_broken told the engine; the application keeps running ALONE
+                self.journal.spill()  # on_broken told the engine; the app keeps running ALONE
+        else:
+            self.journal.record(op)
         if op.durable and not self.resyncing:
             await self._until_alone_is_known(op)
 
@@ -524,20 +727,31 @@ class ReplicationService:
 
 
 class _MarkedApplier:
-    """The receiver's applier, noticing the resync markers as they are applied."""
+    """The receiver's applier, noticing the resync markers as they are applied and answering
+    LIST with the journal's summary first."""
 
-    def __init__(self, applier: Applier, on_marker: Callable[[Op], None]) -> None:
+    def __init__(self, applier: Applier, on_marker: Callable[[Op], None],
+                 header: Callable[[int], dict[str, Any]],
+                 on_op: Callable[[Op], None]) -> None:
         self._applier = applier
         self._on_marker = on_marker
+        self._header = header
+        self._on_op = on_op
 
     def apply(self, op: Op) -> None:
         if op.kind is OpKind.RESYNC_DONE:
             self._applier.sync()  # "in sync" only once the whole copy is on this disk
-        if op.kind is OpKind.RESET:
+        if op.kind in (OpKind.RESET, OpKind.REINT_BEGIN):
             self._on_marker(op)  # before: the copy stops being trusted first
         self._applier.apply(op)
+        self._on_op(op)
         if op.kind is OpKind.RESYNC_DONE:
             self._on_marker(op)
+
+    def query(self, op: Op) -> bytes:
+        if op.kind is OpKind.LIST:
+            return self._applier.query(op, self._header(op.root))
+        return self._applier.query(op)
 
     def fsync(self, root: int, path: str, datasync: bool) -> None:
         self._applier.fsync(root, path, datasync)
@@ -548,6 +762,8 @@ class _MarkedApplier:
 
 def settings_for(*, module: str, node: str, peer: str, dirs: Sequence[Path], listen_addr: str,
                  peer_addr: str, port: int, pki_dir: Path, control_socket: Path,
-                 async_mode: str, ack_timeout_s: float) -> ReplicationSettings:
+                 async_mode: str, ack_timeout_s: float, journal_path: Path | None = None,
+                 nbrei: int = 3) -> ReplicationSettings:
     return ReplicationSettings(module, node, peer, tuple(dirs), listen_addr, peer_addr, port,
-                               pki_dir, control_socket, async_mode, ack_timeout_s)
+                               pki_dir, control_socket, async_mode, ack_timeout_s,
+                               journal_path, nbrei)

@@ -14,6 +14,8 @@ OP body:    u64 seq | u8 kind | u16 root | u32 flags | u64 offset | u64 length |
 ACK body:   u64 seq (everything up to and including seq is acknowledged) | u8 durable
 NACK body:  u64 seq | u16 errno | u16 len(message) | message   (the secondary refused an op)
 HELLO body: u16 len(json) | json (node, module, generation... at connection start)
+REPLY body: u64 seq | u8 last | payload   (the secondary's answer to a query op: LIST, SUMS;
+            a long answer is split over several REPLY frames, the last one has last=1)
 Everything is big-endian. A decoder never trusts a length before checking it against the
 frame size, and rejects unknown kinds, over-long paths and frames over MAX_FRAME.
 """
@@ -53,6 +55,10 @@ class OpKind(IntEnum):
     RESET = 15  # full resync starts: the secondary moves the dir's content aside (kept, not
     #             deleted: it may be the losing side of a split brain) and starts from empty
     RESYNC_DONE = 16  # every op of the full resync precedes this one: the secondary is in sync
+    REINT_BEGIN = 17  # reintegration starts: the secondary keeps its copy (only what differs
+    #                   is sent) but no longer trusts it until RESYNC_DONE
+    LIST = 18  # query: the secondary answers (REPLY) with its tree and its journal's summary
+    SUMS = 19  # query: block checksums of file `path` (block size in `length`)
 
 
 class SetattrField(IntEnum):
@@ -68,6 +74,7 @@ class FrameType(IntEnum):
     ACK = 2
     NACK = 3
     HELLO = 4
+    REPLY = 5
 
 
 class ProtocolError(MirrorhaError):
@@ -98,6 +105,11 @@ class Op:
         return self.kind in (OpKind.FSYNC, OpKind.SYNC)
 
     @property
+    def query(self) -> bool:
+        """The secondary answers this op with REPLY frames (it changes nothing there)."""
+        return self.kind in (OpKind.LIST, OpKind.SUMS)
+
+    @property
     def size(self) -> int:
         """Bytes this op puts on the wire (for lag and RPO accounting)."""
         return len(self.data) + len(self.path) + len(self.path2) + _OP_FIXED.size
@@ -121,13 +133,22 @@ class Hello:
     info: dict[str, Any]
 
 
-Frame = Op | Ack | Nack | Hello
+@dataclass(frozen=True)
+class Reply:
+    seq: int
+    last: bool
+    payload: bytes
+
+
+Frame = Op | Ack | Nack | Hello | Reply
 
 _LEN = struct.Struct(">IB")
 _OP_FIXED = struct.Struct(">QBHIQQIqqqqQHHI")
 _ACK = struct.Struct(">QB")
 _NACK = struct.Struct(">QHH")
 _HELLO = struct.Struct(">H")
+_REPLY = struct.Struct(">QB")
+MAX_REPLY = 1024 * 1024  # payload bytes per REPLY frame
 
 
 def encode(frame: Frame) -> bytes:
@@ -148,6 +169,11 @@ def encode(frame: Frame) -> bytes:
                 raise ProtocolError("hello too large")
             body = _HELLO.pack(len(text)) + text
             ftype = FrameType.HELLO
+        case Reply():
+            if len(frame.payload) > MAX_REPLY:
+                raise ProtocolError(f"reply of {len(frame.payload)} bytes exceeds {MAX_REPLY}")
+            body = _REPLY.pack(frame.seq, 1 if frame.last else 0) + frame.payload
+            ftype = FrameType.REPLY
     return _LEN.pack(len(body) + 1, ftype) + body
 
 
@@ -201,6 +227,11 @@ def decode(payload: bytes) -> Frame:
                 if not isinstance(info, dict):
                     raise ProtocolError("hello is not an object")
                 return Hello(info)
+            case FrameType.REPLY:
+                seq, last = _REPLY.unpack_from(body)
+                if len(body) - _REPLY.size > MAX_REPLY or last > 1:
+                    raise ProtocolError("malformed reply frame")
+                return Reply(seq, bool(last), bytes(body[_REPLY.size:]))
     except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ProtocolError(f"malformed {ftype.name} frame: {e}") from None
     raise ProtocolError(f"unhandled frame type {ftype}")

@@ -111,7 +111,7 @@ async def _copy_data(root: int, dir_fd: int, name: str, path: str, size: int,
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
     sent = 0
     try:
-        for start, end in _extents(fd, size):
+        for start, end in extents(fd, size):
             offset = start
             while offset < end:
                 data = os.pread(fd, min(CHUNK, end - offset), offset)
@@ -125,7 +125,7 @@ async def _copy_data(root: int, dir_fd: int, name: str, path: str, size: int,
     return sent
 
 
-def _extents(fd: int, size: int) -> list[tuple[int, int]]:
+def extents(fd: int, size: int) -> list[tuple[int, int]]:
     extents = []
     offset = 0
     while offset < size:

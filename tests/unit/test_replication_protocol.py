@@ -21,6 +21,7 @@ from appliance.replication.protocol import (
     Op,
     OpKind,
     ProtocolError,
+    Reply,
     SetattrField,
     decode,
     encode,
@@ -124,9 +125,11 @@ def test_op_encoding_follows_the_documented_layout() -> None:
         Hello({}),
         Hello({"node": "node1", "module": "mirror", "generation": [42, "node1"],
                "nested": {"ok": True, "none": None, "f": 1.5}}),
+        Reply(7, True, b""),
+        Reply(2**64 - 1, False, bytes(range(256)) * 4096),
     ],
     ids=["ack", "ack-durable-max", "nack", "nack-max-empty", "nack-unicode", "hello-empty",
-         "hello"],
+         "hello", "reply-empty-last", "reply-max"],
 )
 def test_control_frames_round_trip(frame: Frame) -> None:
     assert round_trip(frame) == frame
@@ -194,10 +197,10 @@ VALID_OP = raw_op(path=b"dir/f", path2=b"g", data=b"data")
 MALFORMED: list[tuple[str, bytes]] = [
     ("empty", b""),
     ("frame-type-0", b"\x00" + payload(Ack(1, True))[1:]),
-    ("frame-type-5", b"\x05" + payload(Ack(1, True))[1:]),
+    ("frame-type-6", b"\x06" + payload(Ack(1, True))[1:]),
     ("frame-type-255", b"\xff"),
     ("op-kind-0", raw_op(kind=0)),
-    ("op-kind-17", raw_op(kind=17)),
+    ("op-kind-20", raw_op(kind=20)),
     ("op-kind-255", raw_op(kind=255)),
     ("op-path-len-beyond-frame", raw_op(path=b"f", n1=200)),
     ("op-path2-len-beyond-frame", raw_op(path2=b"g", n2=2)),
@@ -208,6 +211,8 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("op-path2-over-max", raw_op(path2=b"a" * (MAX_PATH + 1))),
     ("op-data-over-max", raw_op(data=bytes(MAX_DATA + 1))),
     ("op-length-wraps", raw_op(path=b"f", n1=65535, n2=65535, nd=2**32 - 1)),
+    ("reply-short", bytes([FrameType.REPLY]) + b"\x00" * 8),
+    ("reply-last-2", bytes([FrameType.REPLY]) + struct.pack(">QB", 1, 2) + b"x"),
     ("ack-trailing-byte", payload(Ack(1, True)) + b"\x00"),
     ("nack-message-short", payload(Nack(1, 2, "hello"))[:-1]),
     ("nack-message-long", payload(Nack(1, 2, "hello")) + b"!"),
