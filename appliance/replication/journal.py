@@ -319,6 +319,10 @@ class DirtyJournal:
     def volume(self) -> int:
         return sum(d.volume() for d in self.all_dirt())
 
+    def unsynced_marks(self) -> int:
+        """Changes sent to the peer and not yet covered by a SYNC barrier."""
+        return sum(len(marks) for _, _, marks in self._epochs) + len(self._current)
+
     # -- streaming -----------------------------------------------------------------------------
 
     def note(self, op: Op) -> None:

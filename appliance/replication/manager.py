@@ -220,6 +220,7 @@ class ReplicationService:
             "lag_seconds": lag.seconds if lag else 0.0,
             "receiver": dict(receiver.counters) if receiver else None,
             "journal_bytes": self.journal.volume(),
+            "unsynced_changes": self.journal.unsynced_marks(),
             **self.counters,
         }
 
