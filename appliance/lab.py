@@ -28,7 +28,10 @@ application left there (PostgreSQL's shared memory) goes with the node, not onto
 `start_node` is a boot: the node's interfaces get their configured addresses back (a VIP left
 over by a crash disappears) before PID 1 starts. Both nodes share the host's files; paths that
 must differ per node (replicated directories) are given as `private_dirs`: each node gets its
-own copy bind-mounted over the path inside its container.
+own copy bind-mounted over the path inside its container. `private_dir_limits` makes a node's
+copy a small disk of its own (a size-limited tmpfs mounted on the host over that copy before the
+node starts: writing more than it holds fails with ENOSPC there); `resize_private_dir` grows or
+shrinks it while the node runs.
 
 Files: `{labdir}/{node}/home` is the node's MIRRORHA_HOME (cluster.xml, cluster.key,
 mirror/conf/userconfig.xml, mirror/bin/start_prim|stop_prim); `{labdir}/{node}/daemon.out` gets
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -50,7 +54,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -67,6 +71,10 @@ NETNS_DIR = Path("/run/netns")
 LABDIR_MARKER = ".mirrorha-lab"
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # keeps "{p}wite0" within IFNAMSIZ (15)
 APP_COMM = "mh-sampleapp"
+# Source name of the tmpfs the lab mounts for a size-limited private dir: down() detaches
+# only mounts of that name under the lab directory.
+LIMIT_FS_SOURCE = "mirrorha-lab-limit"
+MNT_DETACH = 2  # <sys/mount.h>
 # The tree holding the `appliance` package: containers import the same code as the lab itself.
 SOURCE_ROOT = Path(appliance.__file__).resolve().parent.parent
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -534,9 +542,12 @@ class Lab:
         settings: LabSettings = LabSettings(),  # frozen: sharing the default is harmless
         daemon_argv: Sequence[str] | None = None,
         private_dirs: Sequence[str | Path] = (),
+        private_dir_limits: Mapping[tuple[str, str | Path], int] | None = None,
     ) -> None:
         """private_dirs: absolute paths each node sees as its own directory (for the replicated
-        directories: on two servers the same path holds two different copies)."""
+        directories: on two servers the same path holds two different copies).
+        private_dir_limits: {(node, private dir): bytes}: that node's copy is a filesystem of
+        that size (a tmpfs), so that a test can fill one node's disk."""
         if not PREFIX_RE.match(prefix):
             raise LabError(
                 f"lab prefix {prefix!r}: use 1 to 8 lowercase letters or digits, starting with a "
@@ -556,6 +567,15 @@ class Lab:
         for d in self.private_dirs:
             if not d.is_absolute() or d == Path("/") or ":" in str(d):
                 raise LabError(f"private directory {d}: need an absolute path, not /, no ':'")
+        self.private_dir_limits: dict[tuple[str, Path], int] = {}
+        for (node, d), size in (private_dir_limits or {}).items():
+            self._node(node)
+            if Path(d) not in self.private_dirs:
+                raise LabError(f"size limit on {d}: not a private directory of the lab "
+                               f"({[str(p) for p in self.private_dirs]})")
+            if size < 4096:
+                raise LabError(f"size limit {size} bytes on {node}'s {d}: at least 4096")
+            self.private_dir_limits[(node, Path(d))] = size
         self.registry = REGISTRY_DIR / f"{prefix}.json"
         self._launchers: dict[str, subprocess.Popen[bytes]] = {}
         self._pollers: list[ClientPoller] = []
@@ -590,6 +610,25 @@ class Lab:
     def private_dir_source(self, node: str, path: Path) -> Path:
         """Where node's own copy of a private directory lives on the host."""
         return self.node_dir(node) / "root" / path.relative_to("/")
+
+    def _mount_private_dir_limits(self) -> None:
+        """A tmpfs of the requested size over each limited node copy (on the host, before the
+        node starts: the container's bind mount of that copy then shows the tmpfs)."""
+        for (node, d), size in self.private_dir_limits.items():
+            source = self.private_dir_source(node, d)
+            _run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", LIMIT_FS_SOURCE,
+                  str(source)], what=f"mounting a {size}-byte tmpfs on {source}")
+
+    def resize_private_dir(self, node: str, path: str | Path, size: int) -> None:
+        """Change the size of a limited private dir, live (tmpfs remount: the content stays;
+        shrinking below what it holds fails)."""
+        key = (self._node(node), Path(path))
+        if key not in self.private_dir_limits:
+            raise LabError(f"{node}'s {path} has no size limit (see private_dir_limits)")
+        source = self.private_dir_source(node, Path(path))
+        _run(["mount", "-o", f"remount,size={size}", str(source)],
+             what=f"resizing the tmpfs on {source} to {size} bytes")
+        self.private_dir_limits[key] = size
 
     def _make_private_dirs(self) -> list[Path]:
         """Create each node's copies and any missing mount point; return the directories created
@@ -664,6 +703,7 @@ class Lab:
         # Bind mounts need their mount points on the host; the ones made here go away in down().
         registry["mountpoints"] = [str(d) for d in self._make_private_dirs()]
         self.registry.write_text(json.dumps(registry))
+        self._mount_private_dir_limits()
         self._build_topology()
         self._write_node_files()
         if start_nodes:
@@ -693,6 +733,7 @@ class Lab:
         if existing:
             _run(["ip", "-batch", "-"], input="".join(f"netns del {ns}\n" for ns in existing))
         for labdir in labdirs:
+            _detach_limit_mounts(labdir)  # before removing: never delete through a mount
             _remove_labdir(labdir)
         for mountpoint in mountpoints:  # deepest first; only if still empty
             with contextlib.suppress(OSError):
@@ -1149,6 +1190,37 @@ def _read_container(path: Path) -> Container | None:
         return Container(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _limit_mounts_under(directory: Path) -> list[Path]:
+    """Mount points of the lab's size-limit tmpfs at or below `directory`, deepest first."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts, extra = fields.split(), rest.split()
+        if len(parts) < 5 or len(extra) < 2 or extra[:2] != ["tmpfs", LIMIT_FS_SOURCE]:
+            continue
+        mountpoint = Path(_unescape_mountinfo(parts[4]))
+        if mountpoint == directory or directory in mountpoint.parents:
+            found.append(mountpoint)
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def _detach_limit_mounts(labdir: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for mountpoint in _limit_mounts_under(labdir.resolve() if labdir.exists() else labdir):
+        if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise LabError(f"cannot unmount the size-limited dir {mountpoint}: "
+                           f"{os.strerror(err)}")
 
 
 def _write_script(path: Path, text: str) -> None:

@@ -133,8 +133,10 @@ def keep_logs(lab: Lab, test_name: str) -> None:
                 shutil.copy(src, dest / node / src.name)
 
 
-def make_lab(prefix: str, settings: LabSettings, test_name: str) -> Iterator[Cluster]:
-    lab = Lab(prefix=prefix, settings=settings)
+def make_lab(prefix: str, settings: LabSettings, test_name: str,
+             **options: Any) -> Iterator[Cluster]:
+    """options: further keyword arguments of Lab (private_dirs, private_dir_limits...)."""
+    lab = Lab(prefix=prefix, settings=settings, **options)
     try:
         lab.up()
         yield Cluster(lab)
@@ -149,10 +151,17 @@ def lab_settings() -> LabSettings:
 
 
 @pytest.fixture
-def cluster(lab_settings: LabSettings, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+def lab_options() -> dict[str, Any]:
+    """Keyword arguments of Lab beyond the settings (a test module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def cluster(lab_settings: LabSettings, lab_options: dict[str, Any],
+            request: pytest.FixtureRequest) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (network namespaces, VIPs)")
-    for c in make_lab(E2E_PREFIX, lab_settings, request.node.name):
+    for c in make_lab(E2E_PREFIX, lab_settings, request.node.name, **lab_options):
         with DualRunMonitor(c.lab) as monitor:
             t0 = time.monotonic()
             yield c

@@ -327,6 +327,37 @@ def test_private_dirs_give_each_node_its_own_copy_of_a_path(
     assert not (tmp_path / "srv").exists()  # mount points the lab made are gone too
 
 
+def test_a_size_limited_private_dir_is_a_small_disk_of_that_node_only(
+    make_lab: Callable[..., Lab], tmp_path: Path
+) -> None:
+    shared = tmp_path / "srv" / "data"
+    lab = make_lab(SLEEP_ARGV, private_dirs=[shared],
+                   private_dir_limits={("node2", shared): 1 << 20})
+    fill = f"head -c {2 << 20} /dev/zero > {shared}/f"
+    assert lab.node_run("node1", ["sh", "-c", fill], check=False).returncode == 0
+    full = lab.node_run("node2", ["sh", "-c", fill], check=False)
+    assert full.returncode != 0 and "No space left" in full.stderr
+    # The host sees node2's copy on its own filesystem, which grows live.
+    source = lab.private_dir_source("node2", shared)
+    assert os.statvfs(source).f_blocks * os.statvfs(source).f_frsize == 1 << 20
+    lab.resize_private_dir("node2", shared, 4 << 20)
+    assert lab.node_run("node2", ["sh", "-c", fill], check=False).returncode == 0
+    assert (source / "f").stat().st_size == 2 << 20
+    with pytest.raises(LabError, match="no size limit"):
+        lab.resize_private_dir("node1", shared, 4 << 20)
+
+    lab.down()
+    assert str(lab.labdir) not in Path("/proc/self/mountinfo").read_text()
+    assert not lab.labdir.exists() and not (tmp_path / "srv").exists()
+
+
+def test_size_limits_only_on_private_dirs_of_known_nodes(tmp_path: Path) -> None:
+    with pytest.raises(LabError, match="not a private directory"):
+        Lab(prefix=PREFIX, private_dir_limits={("node2", tmp_path): 1 << 20})
+    with pytest.raises(LabError, match="unknown node"):
+        Lab(prefix=PREFIX, private_dirs=[tmp_path], private_dir_limits={("node3", tmp_path): 4096})
+
+
 def test_down_leaves_nothing_behind_even_from_another_process(
     make_lab: Callable[..., Lab], tmp_path: Path
 ) -> None:
