@@ -25,6 +25,7 @@ check: setup lint
 bench: setup
 	$(PY) -m bench.failover
 	$(PY) -m bench.replication
+	$(PY) -m bench.pg_rpo
 
 lint: setup
 	$(VENV)/bin/ruff check appliance tests bench

@@ -132,6 +132,18 @@ def mirrorha_state(lab: Lab, node: str) -> dict[str, Any] | None:
     return None
 
 
+def in_state(lab: Lab, node: str, state: str) -> bool:
+    """The node's daemon reports `state` and is not busy (running a script); a SECOND must
+    also be in sync."""
+    s = mirrorha_state(lab, node)
+    return bool(s and s["state"] == state and not s["busy"]
+                and (state != "SECOND" or s["in_sync"]))
+
+
+def pair_formed(lab: Lab, prim: str, second: str) -> bool:
+    return in_state(lab, second, "SECOND") and in_state(lab, prim, "PRIM")
+
+
 class MirrorhaBackend:
     def __init__(self, name: str, settings: LabSettings) -> None:
         self.name = name
@@ -144,14 +156,8 @@ class MirrorhaBackend:
         self.wait_pair("node1", "node2", since, FORM_TIMEOUT_S)
 
     def wait_pair(self, prim: str, second: str, since: float, timeout: float) -> None:
-        def formed() -> bool:
-            s = mirrorha_state(self.lab, second)
-            if not (s and s["state"] == "SECOND" and s["in_sync"] and not s["busy"]):
-                return False
-            p = mirrorha_state(self.lab, prim)
-            return bool(p and p["state"] == "PRIM" and not p["busy"])
-
-        wait_for(formed, timeout, f"{prim} PRIM and {second} SECOND in sync", interval=0.1)
+        wait_for(lambda: pair_formed(self.lab, prim, second), timeout,
+                 f"{prim} PRIM and {second} SECOND in sync", interval=0.1)
 
     def takeover(self, node: str, since: float) -> Takeover | None:
         decided: float | None = None

@@ -1,5 +1,5 @@
 """A PostgreSQL client that records every transaction it saw committed (run in the lab's client
-namespace by test_postgres.py).
+namespace by bench/pgcluster.py, for tests/e2e/test_postgres.py and bench/pg_rpo.py).
 
     python pg_client.py CONNINFO OUTDIR MAX_SECONDS
 
