@@ -186,7 +186,7 @@ def test_two_passes_with_the_tree_changing_in_between_converge(
 
 
 def test_listing_answer_names_no_aside_dir(pki: Path, trees: tuple[Path, Path]) -> None:
-    src, dst = trees
+    _, dst = trees
     dst.mkdir()
     (dst / ".mirrorha-aside").mkdir()
     (dst / "kept").write_text("k")
