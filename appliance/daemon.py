@@ -36,7 +36,7 @@ from appliance.errors import ConfigError, MirrorhaError
 from appliance.keys import load_cluster_key
 from appliance.modlog import ModuleLog
 from appliance.paths import Paths
-from appliance.replication.manager import ReplicationService, ReplicationSettings
+from appliance.replication.manager import ReplicationService, ReplicationSettings, SyncRetry
 from appliance.scripts import ScriptRunner, write_safekit_shim
 from appliance.vip import VipError, VirtualIp
 
@@ -383,6 +383,9 @@ class Daemon:
             log.exception("engine error")
 
     def _handle(self, item: Any) -> None:
+        if isinstance(item, SyncRetry):  # a copy to the peer failed a while ago
+            self._drive_replication()
+            return
         event = self._translate(item)
         if event is None:
             return

@@ -33,13 +33,14 @@ secondary when the copy is complete, cluster.ReplicationLost on the primary when
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket as stdsocket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,13 @@ SYNC_MODES = ("attach", "reintegrate", "full")
 MOUNT_TIMEOUT_S = 15.0
 JOURNAL_WRITE_S = 1.0  # the journal file is rewritten at most this often (when it changed)
 BARRIER_S = 2.0  # a SYNC barrier this often while streaming bounds what the peer may lack
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # a failed copy is tried again after this, doubling
+
+
+@dataclass(frozen=True)
+class SyncRetry:
+    """Posted to the daemon a while after a failed copy: bring the peer level again if it is
+    still a SECOND without a stream."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,7 @@ class ReplicationService:
         # thread (secondary markers); the writer takes a consistent state under this lock.
         self._journal_lock = threading.Lock()
         self._barrier_running = False
+        self._retry_s, self._last_failure = RETRY_FIRST_S, ""
         self._incoming: dict[str, Any] = {}  # secondary: the copy being received (log line)
 
     # -- thread-side API (daemon engine) ---------------------------------------------------
@@ -197,7 +206,7 @@ class ReplicationService:
             return
         self.resyncing = True
         self._sender_from_copy = False
-        await self._attach()
+        await self._sync_task("attaching the replication stream to", self._attach)
 
     def streaming(self) -> bool:
         sender = self.sender
@@ -503,11 +512,12 @@ class ReplicationService:
         assert self._nursery is not None
         self.resyncing = True
         if mode == "attach":
-            self._nursery.start_soon(self._attach)
+            job, what = self._attach, "attaching the replication stream to"
         elif mode == "full":
-            self._nursery.start_soon(self._resync)
+            job, what = self._resync, "resync to"
         else:
-            self._nursery.start_soon(self._reintegrate, base)
+            job, what = functools.partial(self._reintegrate, base), "reintegration of"
+        self._nursery.start_soon(self._sync_task, what, job)
 
     async def _connect(self) -> ReplicaSender:
         this: list[ReplicaSender] = []  # the sender, for its own on_broken
@@ -527,80 +537,87 @@ class ReplicationService:
         self._nursery.start_soon(sender.run)
         return sender
 
-    async def _attach(self) -> None:
-        """Stream to a secondary whose copy is already identical (after a swap)."""
+    async def _sync_task(self, what: str, job: Callable[[], Awaitable[None]]) -> None:
+        """Run an attach, resync or reintegration; when it fails, say why and have the daemon
+        try again later (its peer may still be SECOND, waiting), less and less often."""
         try:
-            await self._freeze(True)
-            try:
-                self.sender = await self._connect()
-            finally:
-                await self._freeze(False)
-            self.say(f"replication stream to {self.s.peer} attached (copies identical)")
+            await job()
+            self._retry_s, self._last_failure = RETRY_FIRST_S, ""
         except (ReplicaBroken, OSError, MirrorhaError) as e:
-            self.say(f"attaching the replication stream to {self.s.peer} failed: {e}")
+            self._failed(what, str(e))
+        except Exception as e:  # a bug must not take the mounts down with the loop
+            log.exception("%s %s failed", what, self.s.peer)
+            self._failed(what, f"(internal error) {e!r}")
         finally:
             self.resyncing = False
 
+    def _failed(self, what: str, why: str) -> None:
+        message = f"{what} {self.s.peer} failed: {why}"
+        delay = self._retry_s
+        if message != self._last_failure:  # the same failure again is not news
+            self.say(f"{message}; trying again in {delay:g} s")
+        self._last_failure = message
+        self._retry_s = min(delay * 2, RETRY_MAX_S)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._retry_later, delay)
+
+    async def _retry_later(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self.post(SyncRetry())
+
+    async def _attach(self) -> None:
+        """Stream to a secondary whose copy is already identical (after a swap)."""
+        await self._freeze(True)
+        try:
+            self.sender = await self._connect()
+        finally:
+            await self._freeze(False)
+        self.say(f"replication stream to {self.s.peer} attached (copies identical)")
+
     async def _resync(self) -> None:
         started = time.monotonic()
+        sender = await self._connect()
         try:
-            sender = await self._connect()
             await self._freeze(True)  # mutations wait before touching the disk
             self.journal.take()  # the copy sends everything recorded so far
-            try:
-                total = 0
-                for i, fd in enumerate(self._backing_fds):
-                    stats = await full_copy(i, fd, sender.submit)
-                    total += stats.bytes
-                await sender.submit(Op(OpKind.SYNC, 0, ""))
-                self.sender = sender  # live from the first mutation after the freeze
-                self._sender_from_copy = True
-                self.journal.commit(None)  # the SYNC above made the copy durable there
-                for i in range(len(self._backing_fds)):  # the secondary may now say in sync
-                    await sender.submit(Op(OpKind.RESYNC_DONE, i, ""))
-            except BaseException:
-                self.journal.abort()
-                if self.sender is not sender:
-                    await sender.aclose()
-                raise
-            finally:
-                await self._freeze(False)
-            self.counters["resyncs"] += 1
-            self.counters["resync_bytes"] += total
-            self.say(f"full resync to {self.s.peer}: {total} bytes of data in "
-                     f"{time.monotonic() - started:.2f} s")
-        except (ReplicaBroken, OSError, MirrorhaError) as e:
-            self.say(f"resync to {self.s.peer} failed: {e}")
-        except Exception as e:  # a bug must not take the mounts down with the loop
-            log.exception("resync failed")
-            self.say(f"resync to {self.s.peer} failed (internal error): {e!r}")
+            total = 0
+            for i, fd in enumerate(self._backing_fds):
+                stats = await full_copy(i, fd, sender.submit)
+                total += stats.bytes
+            await sender.submit(Op(OpKind.SYNC, 0, ""))
+            self.sender = sender  # live from the first mutation after the freeze
+            self._sender_from_copy = True
+            self.journal.commit(None)  # the SYNC above made the copy durable there
+            for i in range(len(self._backing_fds)):  # the secondary may now say in sync
+                await sender.submit(Op(OpKind.RESYNC_DONE, i, ""))
+        except BaseException:
+            self.journal.abort()
+            if self.sender is not sender:
+                await sender.aclose()
+            raise
         finally:
-            self.resyncing = False
+            await self._freeze(False)
+        self.counters["resyncs"] += 1
+        self.counters["resync_bytes"] += total
+        self.say(f"full resync to {self.s.peer}: {total} bytes of data in "
+                 f"{time.monotonic() - started:.2f} s")
 
     async def _reintegrate(self, base: list[Any] | None) -> None:
         started = time.monotonic()
         stats = reintegrate.Stats()
+        sender = await self._connect()
         try:
-            sender = await self._connect()
-            try:
-                mode = await self._reintegration_passes(sender, base, stats)
-            except BaseException:
-                self.journal.abort()  # what was taken is still to be sent
-                if self.sender is not sender:
-                    await sender.aclose()
-                raise
-            self.counters["reintegrations"] += 1
-            self.counters["resync_bytes"] += stats.bytes
-            took = time.monotonic() - started
-            self.say(f"reintegration of {self.s.peer} ({mode} mode): "
-                     f"{reintegrate.describe(stats, took)}; replicating synchronously")
-        except (ReplicaBroken, OSError, MirrorhaError) as e:
-            self.say(f"reintegration of {self.s.peer} failed: {e}")
-        except Exception as e:  # a bug must not take the mounts down with the loop
-            log.exception("reintegration failed")
-            self.say(f"reintegration of {self.s.peer} failed (internal error): {e!r}")
-        finally:
-            self.resyncing = False
+            mode = await self._reintegration_passes(sender, base, stats)
+        except BaseException:
+            self.journal.abort()  # what was taken is still to be sent
+            if self.sender is not sender:
+                await sender.aclose()
+            raise
+        self.counters["reintegrations"] += 1
+        self.counters["resync_bytes"] += stats.bytes
+        took = time.monotonic() - started
+        self.say(f"reintegration of {self.s.peer} ({mode} mode): "
+                 f"{reintegrate.describe(stats, took)}; replicating synchronously")
 
     async def _reintegration_passes(self, sender: ReplicaSender, base: list[Any] | None,
                                     stats: reintegrate.Stats) -> str:
