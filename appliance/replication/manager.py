@@ -63,7 +63,7 @@ from appliance.replication.channel import (
     open_receiver_listener,
 )
 from appliance.replication.fusefs import MountChannel, child_argv, detach_stale_mounts
-from appliance.replication.journal import DirtyJournal, Snapshot, write_state
+from appliance.replication.journal import Dirt, DirtyJournal, write_state
 from appliance.replication.protocol import Op, OpKind
 from appliance.replication.resync import full_copy
 
@@ -629,12 +629,15 @@ class ReplicationService:
             base is not None and self.journal.valid and self.journal.base == base
             and summary.get("valid") is True and summary.get("torn") is False) else "checksum"
         await sender.submit(Op(OpKind.REINT_BEGIN, 0, "", path2=mode))
-        await self._pass(sender, peer, self.journal.take(), mode, stats)
+        first = self.journal.take()
+        await self._pass(sender, peer, first.dirt, first.suspect_since, mode, stats)
         await self._freeze(True)
         try:
+            # Both sides' suspects and zones were settled by pass 1; what the application
+            # changed since is in the journal.
             again = [(h, reintegrate.Side(side.entries, side.root))
                      for h, side in await self._peer_sides(sender)]
-            await self._pass(sender, again, self.journal.take(), "journal", stats)
+            await self._pass(sender, again, self.journal.take().dirt, None, "journal", stats)
             await sender.submit(Op(OpKind.SYNC, 0, ""))  # all of it on the peer's disk
             self.journal.commit(None)
             self.sender = sender  # live from the first mutation after the freeze
@@ -658,11 +661,11 @@ class ReplicationService:
         return out
 
     async def _pass(self, sender: ReplicaSender,
-                    peer: list[tuple[dict[str, Any], reintegrate.Side]], snap: Snapshot,
-                    mode: str, stats: reintegrate.Stats) -> None:
+                    peer: list[tuple[dict[str, Any], reintegrate.Side]], dirt: list[Dirt],
+                    suspect_since: float | None, mode: str, stats: reintegrate.Stats) -> None:
         for i, fd in enumerate(self._backing_fds):
             stats.add(await reintegrate.sync_pass(
-                i, fd, peer[i][1], snap.dirt[i], snap.suspect_since, mode, sender.submit,
+                i, fd, peer[i][1], dirt[i], suspect_since, mode, sender.submit,
                 sender.query, self.s.nbrei))
 
     async def _freeze(self, frozen: bool) -> None:
