@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from appliance.lab import Lab, LabSettings
 from appliance.waiting import wait_until
 from tests.e2e.conftest import Cluster
 from tests.e2e.test_failover import formed
+from tests.support.trees import differences
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +112,66 @@ def test_primary_keeps_writing_alone_when_the_secondary_dies_then_resyncs_it(
     cluster.wait_pair("node1", "node2", timeout=30)
     wait_until(lambda: digest(cluster, "node2") == digest(cluster, "node1"), 10,
                "node2 to be resynchronised")
+
+
+EVERY_OPERATION = r"""
+import ctypes, mmap, os, sys
+os.chdir(sys.argv[1])
+os.makedirs("a/b/c")
+with open("a/f", "wb") as f:                     # create + write
+    f.write(os.urandom(300_000))
+fd = os.open("a/f", os.O_RDWR)
+os.pwrite(fd, b"middle", 123_456)                # write at an offset
+os.ftruncate(fd, 200_000)                        # truncate down
+os.ftruncate(fd, 250_000)                        # truncate up: a hole at the end
+os.fsync(fd); os.fdatasync(fd); os.close(fd)
+with open("a/f", "ab") as f:                     # append
+    f.write(b"tail")
+with open("sparse", "wb") as f:                  # holes stay holes
+    f.seek(5 << 20); f.write(b"x"); f.seek(9 << 20); f.write(b"y")
+for flag, name in ((os.O_SYNC, "osync"), (os.O_DSYNC, "odsync")):
+    fd = os.open(name, os.O_CREAT | os.O_WRONLY | flag, 0o640)
+    os.write(fd, b"durable " * 1000); os.close(fd)
+with open("mapped", "wb") as f:
+    f.truncate(64 << 10)
+with open("mapped", "r+b") as f:                 # MAP_SHARED writes + msync
+    m = mmap.mmap(f.fileno(), 64 << 10)
+    m[4096:4100] = b"MMAP"; m.flush(); m.close()
+fd = os.open("prealloc", os.O_CREAT | os.O_WRONLY, 0o600)
+os.posix_fallocate(fd, 0, 100_000); os.close(fd)  # emulated: zeros written
+os.mkfifo("a/fifo", 0o620)                       # mknod
+os.symlink("a/f", "link"); os.symlink("../nowhere", "a/dangling")
+os.link("a/f", "a/b/hard")                       # hard link
+with open("gone", "w") as f: f.write("x")
+os.unlink("gone")                                # unlink
+os.mkdir("emptydir"); os.rmdir("emptydir")       # rmdir
+os.rename("osync", "a/b/c/renamed")              # rename across dirs
+with open("target", "w") as f: f.write("old")
+with open("over", "w") as f: f.write("new")
+os.rename("over", "target")                      # rename over an existing file
+with open("left", "w") as f: f.write("L")
+with open("right", "w") as f: f.write("R")
+libc = ctypes.CDLL(None, use_errno=True)         # renameat2(RENAME_EXCHANGE)
+if libc.renameat2(-100, b"left", -100, b"right", 2) != 0:
+    raise OSError(ctypes.get_errno(), "renameat2")
+os.chmod("a/f", 0o604); os.chown("a/b/hard", 1234, 5678)
+os.chown("link", 42, 43, follow_symlinks=False)
+os.utime("a/b/c/renamed", ns=(1_600_000_000_000_000_000, 1_500_000_000_123_456_789))
+fd = os.open("a/b", os.O_RDONLY | os.O_DIRECTORY); os.fsync(fd); os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("lab_settings", [REPLICATED])
+def test_every_operation_kind_reaches_the_secondary_byte_for_byte(cluster: Cluster) -> None:
+    formed(cluster)
+    script = cluster.lab.node_dir("node1") / "every_operation.py"
+    script.write_text(EVERY_OPERATION)
+    cluster.lab.node_run("node1", [str(cluster.lab.python), str(script), DATA])
+    mine = cluster.lab.private_dir_source("node1", Path(DATA))
+    theirs = cluster.lab.private_dir_source("node2", Path(DATA))
+    wait_until(lambda: not differences(mine, theirs), 15,
+               "node2's backing copy to equal node1's (content, size, sparseness, mode, "
+               "owner, mtime, links)")
+    assert (theirs / "sparse").stat().st_blocks * 512 < 1 << 20  # still sparse there
+    assert os.stat(theirs / "a" / "b" / "hard").st_ino == os.stat(theirs / "a" / "f").st_ino
+    assert (theirs / "left").read_text() == "R" and (theirs / "target").read_text() == "new"
