@@ -15,14 +15,14 @@ from appliance.lab import LabSettings
 from appliance.waiting import wait_until
 from tests.e2e.conftest import Cluster
 from tests.e2e.test_failover import formed
-from tests.e2e.test_replication import DATA, digest, sh
+from tests.e2e.test_replication import DATA, sh
 from tests.support.trees import differences
 
 pytestmark = pytest.mark.slow
 
 REPLICATED = dataclasses.replace(LabSettings(), replicated_dirs=(DATA,))
-FILES, FILE_MIB = 16, 4  # a 64 MiB dataset
-CHANGES, CHANGE_KIB = 10, 64  # 1 % of it rewritten while the peer is away
+FILES, FILE_MIB = 64, 16  # a 1 GiB dataset
+CHANGES, CHANGE_KIB = 160, 64  # 1 % of it (10 MiB) rewritten while the peer is away
 REINTEGRATED = re.compile(r"reintegration of node2 \((\w+) mode\): ([\d.]+) MiB")
 
 # The application: appends a stamped 4 KiB record and fsyncs it, again and again, recording
@@ -52,21 +52,22 @@ def test_returning_secondary_gets_only_the_changes_while_the_app_keeps_writing(
         cluster: Cluster, tmp_path: Path) -> None:
     formed(cluster)
     sh(cluster, "node1", f"""set -e; cd {DATA}
-        for i in $(seq 1 {FILES}); do head -c {FILE_MIB}M /dev/urandom > f$i; done; sync""")
-    wait_until(lambda: digest(cluster, "node2") == digest(cluster, "node1"), 30,
-               "node2's copy of the dataset")
-    # A SYNC barrier covers the dataset (until then it is "maybe not on node2's disk" and a
-    # crash would make the primary resend it, rightly).
+        for i in $(seq 1 {FILES}); do
+          dd if=/dev/urandom of=f$i bs=1M count={FILE_MIB} 2>/dev/null
+        done""",
+       timeout=120)
+    # A SYNC barrier covers the dataset: it is on node2's disk (until then it is "maybe not",
+    # and a crash would make the primary resend it, rightly).
     wait_until(lambda: (cluster.state("node1") or {}).get("replication", {})
-               .get("unsynced_changes") == 0, 10, "the dataset to be durable on node2")
+               .get("unsynced_changes") == 0, 30, "the dataset to be durable on node2")
     cluster.lab.crash_node("node2")
     cluster.wait_state("node1", "ALONE")
-    # 1 % of the dataset rewritten alone, at scattered places.
+    # 1 % of the dataset rewritten alone, at scattered places (never the same block twice).
     sh(cluster, "node1", f"""set -e; cd {DATA}
-        for i in $(seq 1 {CHANGES}); do
-          dd if=/dev/urandom of=f$i bs={CHANGE_KIB}K count=1 seek=$((i * 5 % 60)) \
-             conv=notrunc,fsync 2>/dev/null
-        done""")
+        for i in $(seq 0 {CHANGES - 1}); do
+          dd if=/dev/urandom of=f$((i % {FILES} + 1)) bs={CHANGE_KIB}K count=1 \
+             seek=$((i / {FILES} * 50 + 7)) conv=notrunc,fsync 2>/dev/null
+        done""", timeout=120)
     app_pids = cluster.lab.app_pids()["node1"]
     log, stop = tmp_path / "writer.log", tmp_path / "stop"
     script = tmp_path / "writer.py"
@@ -94,7 +95,7 @@ def test_returning_secondary_gets_only_the_changes_while_the_app_keeps_writing(
     mode, mib = found[-1][0], float(found[-1][1])
     changed_mib = CHANGES * CHANGE_KIB / 1024
     assert mode == "journal"
-    assert changed_mib * 0.9 <= mib <= changed_mib + 2.0, (mib, changed_mib)
+    assert changed_mib * 0.95 <= mib <= changed_mib + 2.0, (mib, changed_mib)
     assert "full resync" not in node1_log
     node2_log = cluster.module_log("node2")
     assert re.search(r"reintegration \(journal\) from node1: [\d.]+ MiB of data in [\d.]+ s",

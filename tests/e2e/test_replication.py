@@ -20,8 +20,8 @@ DATA = "/srv/mirrorha-lab-data"
 REPLICATED = dataclasses.replace(LabSettings(), replicated_dirs=(DATA,))
 
 
-def sh(c: Cluster, node: str, script: str) -> str:
-    return c.lab.node_run(node, ["sh", "-c", script]).stdout
+def sh(c: Cluster, node: str, script: str, timeout: float = 30.0) -> str:
+    return c.lab.node_run(node, ["sh", "-c", script], timeout=timeout).stdout
 
 
 def digest(c: Cluster, node: str) -> str:

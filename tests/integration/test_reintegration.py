@@ -4,6 +4,7 @@ mode, owner, mtime, links)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from appliance.replication import reintegrate
+from appliance.replication.channel import ReplicaBroken
 from appliance.replication.journal import Dirt, DirtyJournal
 from appliance.replication.protocol import Op, OpKind
 from tests.integration.test_channel import make_sender, primary, run, secondary
@@ -199,3 +201,24 @@ def test_listing_answer_names_no_aside_dir(pki: Path, trees: tuple[Path, Path]) 
         assert summary == {}
         assert set(peer.entries) == {"kept"}
     trio.run(scenario)
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc/passwd", "inside/../../outside", "lnk/x"])
+def test_queries_cannot_read_outside_the_replicated_dir(
+        pki: Path, trees: tuple[Path, Path], path: str) -> None:
+    """A checksum query is a read: confined like every op (a primary must not learn what lies
+    outside the secondary's replicated dir, not even a digest)."""
+    _, dst = trees
+    dst.mkdir()
+    (dst / "inside").mkdir()
+    (dst.parent / "outside").write_text("secret")
+    (dst / "lnk").symlink_to(dst.parent)
+
+    async def scenario() -> None:
+        async with (secondary(pki, dst) as side,
+                    primary(make_sender(pki, side.port)) as sender):
+            with pytest.raises(ReplicaBroken):
+                await sender.query(Op(OpKind.SUMS, 0, path, length=128 * 1024))
+            assert sender.nack is not None and sender.nack.errno == errno.EPERM
+            assert side.receiver.counters["rejected"] == 1
+    run(scenario)
