@@ -258,33 +258,50 @@ class ReplicationService:
     # -- the journal -----------------------------------------------------------------------
 
     def _write_journal(self, *, clean: bool = False) -> None:
+        """Write the journal file now (blocking; the trio thread uses _keep_journal)."""
         if self.s.journal_path is None:
             return
         with self._journal_lock:
             state = self.journal.state(clean=clean)
+        self._store_journal(state)
+
+    def _store_journal(self, state: dict[str, Any]) -> None:
+        assert self.s.journal_path is not None
         try:
             write_state(self.s.journal_path, state)
         except OSError as e:
             log.error("cannot write the dirty-zone journal %s: %s", self.s.journal_path, e)
             self.journal.changed = True
 
+    async def _keep_journal(self) -> None:
+        # The state is taken here, in the loop that changes the journal; only the writing
+        # (fsync, rename) goes to a worker thread.
+        if self.s.journal_path is None or not self.journal.changed:
+            return
+        with self._journal_lock:
+            state = self.journal.state()
+        await trio.to_thread.run_sync(self._store_journal, state)
+
     async def _journal_keeper(self) -> None:
         """Rewrites the journal file when it changed; while streaming, sends SYNC barriers so
-        that what the peer may lack (acknowledged is not yet on its disk) stays small."""
+        that what the peer may lack (acknowledged is not yet on its disk) stays small. Never
+        ends the replication loop: a failure here is logged and tried again next time."""
         last_barrier = time.monotonic()
         while True:
             await trio.sleep(JOURNAL_WRITE_S)
-            sender = self.sender
-            if (sender is not None and sender.broken is None and not self._barrier_running
-                    and time.monotonic() - last_barrier >= BARRIER_S):
-                last_barrier = time.monotonic()
-                epoch = self.journal.rotate()
-                if epoch is not None:
-                    assert self._nursery is not None
-                    self._barrier_running = True
-                    self._nursery.start_soon(self._barrier, sender, epoch)
-            if self.journal.changed:
-                await trio.to_thread.run_sync(self._write_journal)
+            try:
+                sender = self.sender
+                if (sender is not None and sender.broken is None and not self._barrier_running
+                        and time.monotonic() - last_barrier >= BARRIER_S):
+                    last_barrier = time.monotonic()
+                    epoch = self.journal.rotate()
+                    if epoch is not None:
+                        assert self._nursery is not None
+                        self._barrier_running = True
+                        self._nursery.start_soon(self._barrier, sender, epoch)
+                await self._keep_journal()
+            except Exception:
+                log.exception("dirty-zone journal upkeep failed")
 
     async def _barrier(self, sender: ReplicaSender, epoch: int) -> None:
         try:
