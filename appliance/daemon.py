@@ -539,6 +539,14 @@ class Daemon:
 
     def _poll(self) -> None:
         self._check_interfaces()
+        if (self.replication is not None and not self.replication.alive()
+                and self.view.state is not State.STOP):
+            # Without its loop no mount answers: the application would only get errors. Stop,
+            # so that a synchronised peer takes over (the daemon's output says why it died).
+            self.modlog.error("the replication loop died (see the daemon's output); stopping "
+                              "the module", state=self.view.state.value)
+            self._handle(CommandEvent(Command.STOP, "a replication failure"))
+            return
         if self.view.state not in cluster.SERVING:
             self._release_leftovers()  # a VIP that failed to go away must not stay duplicated
         if self.watch is None or self.view.state not in cluster.SERVING:

@@ -148,6 +148,7 @@ class ReplicationService:
         # thread (secondary markers); the writer takes a consistent state under this lock.
         self._journal_lock = threading.Lock()
         self._barrier_running = False
+        self._stopping = False
         self._retry_s, self._last_failure = RETRY_FIRST_S, ""
         self._incoming: dict[str, Any] = {}  # secondary: the copy being received (log line)
 
@@ -161,6 +162,7 @@ class ReplicationService:
             raise ReplicationError("the replication loop did not start")
 
     def stop(self) -> None:
+        self._stopping = True
         if self._token is None or self._thread is None:
             return
         with contextlib.suppress(trio.RunFinishedError):
@@ -207,6 +209,10 @@ class ReplicationService:
         self.resyncing = True
         self._sender_from_copy = False
         await self._sync_task("attaching the replication stream to", self._attach)
+
+    def alive(self) -> bool:
+        """The replication loop runs (started and not ended by an error)."""
+        return self._thread is None or self._thread.is_alive() or self._stopping
 
     def streaming(self) -> bool:
         sender = self.sender
