@@ -36,7 +36,7 @@ from typing import Any
 from appliance.errors import MirrorhaError
 from appliance.lab import Lab
 from bench.common import BenchError, Stats, run_bench, write_json
-from bench.failover import ARTIFACTS, keep_logs
+from bench.failover import ARTIFACTS, keep_logs, mirrorha_state
 from bench.pgcluster import (
     PGBIN,
     CrashRounds,
@@ -181,6 +181,10 @@ def host_info() -> dict[str, Any]:
 
 
 def keep(lab: Lab) -> None:
+    if not lab.labdir.is_dir():  # removed by someone else: say so rather than keep nothing
+        print(f"bench.pg_rpo: the lab directory {lab.labdir} is gone: no logs kept",
+              file=sys.stderr, flush=True)
+        return
     keep_logs(lab, SCENARIO)
     keep_clients(lab, ARTIFACTS / SCENARIO)
 
@@ -205,6 +209,9 @@ def crash_runs(plan: Plan, results: dict[str, Any], rounds_done: list[RoundResul
             try:
                 for victim in victims(plan.runs):
                     record(rounds.crash(victim), results, rounds_done)
+            except MirrorhaError:
+                results["states_at_failure"] = {n: mirrorha_state(lab, n) for n in lab.NODES}
+                raise
             finally:
                 for r in rounds.results[len(rounds_done):]:
                     record(r, results, rounds_done)

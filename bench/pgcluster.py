@@ -37,11 +37,15 @@ from bench.failover import in_state, module_log, pair_formed
 
 PGBIN = Path("/usr/lib/postgresql/15/bin")
 CLIENT_SCRIPT = Path(__file__).with_name("pg_client.py")
-# tcp_user_timeout: a statement sent to a primary that then crashed fails within 2 s instead
-# of waiting on TCP retransmissions (the server's kernel acks data at once, however slow the
-# commit, so a slow commit never trips it).
+# A connection to a primary that then crashed must fail within seconds, whatever state it was
+# in. tcp_user_timeout: a statement not yet acknowledged by the server's kernel fails after 2 s
+# instead of waiting on TCP retransmissions. Keepalives: a statement already acknowledged (the
+# kernel acks alone once the commit outlasts its delayed-ACK timer) leaves nothing in flight,
+# and without probes the connection would wait for the answer forever. A slow commit trips
+# neither: a live server's kernel acks data and answers probes however busy PostgreSQL is.
 CONNINFO = (f"host={Lab.VIP} port=5432 user=postgres dbname=postgres connect_timeout=2 "
-            "tcp_user_timeout=2000")
+            "tcp_user_timeout=2000 keepalives=1 keepalives_idle=1 keepalives_interval=1 "
+            "keepalives_count=2")
 COMMITS_BEFORE_CRASH = 200  # by the recording client, in each round
 COMMITS_AFTER_FAILOVER = 20  # the new primary serves: proof enough before checking
 PGBENCH_CLIENTS = 4
@@ -443,7 +447,9 @@ class RoundResult:
     uncertain_present: int  # failed INSERTs that had committed anyway (allowed; all rounds)
     pgbench_done: int  # transactions pgbench logged as done in this round
     pgbench_missing: dict[int, int]  # counter key -> transactions lost (all rounds)
-    takeover_s: float  # crash -> the survivor reports ALONE, PostgreSQL recovered and started
+    # crash -> the survivor reports ALONE and idle (start_prim done; if it failed, see
+    # start_failures, errd restarts it a moment later and PostgreSQL serves after that)
+    takeover_s: float
     write_rto_s: float  # crash -> the first COMMIT the client saw acknowledged by the survivor
     client_outage_s: float  # longest pause between two COMMITs seen by the client
     start_failures: int  # start_prim failures on the survivor before it served (errd retried)
@@ -479,7 +485,14 @@ def commits_after(client: RecordingClient, since: float, node: str) -> float:
     def latest() -> float | None:
         after = [t for t in client.committed().values() if t > since]
         return max(after) if len(after) >= COMMITS_AFTER_FAILOVER else None
-    return wait_for(latest, 60, f"{COMMITS_AFTER_FAILOVER} commits through {node}")
+    try:
+        return wait_for(latest, 60, f"{COMMITS_AFTER_FAILOVER} commits through {node}")
+    except BenchError as e:
+        times = sorted(client.committed().values())
+        after = sum(t > since for t in times)
+        last = f"{times[-1] - since:+.1f} s" if times else "never"
+        raise BenchError(f"{e}: {after} after it; the client's last COMMIT at {last} from it, "
+                         f"{len(times)} in all") from None
 
 
 class CrashRounds:
@@ -558,7 +571,7 @@ class CrashRounds:
     def _crash_and_failover(self, victim: str, survivor: str) -> Failover:
         t_crash, wall_crash = time.monotonic(), time.time()
         self.lab.crash_node(victim)
-        wait_state(self.lab, survivor, "ALONE", TAKEOVER_TIMEOUT_S)  # not busy: recovery done
+        wait_state(self.lab, survivor, "ALONE", TAKEOVER_TIMEOUT_S)  # not busy: start_prim done
         t_alone = time.monotonic()
         last = commits_after(self.client, t_alone, survivor)
         # The client's outage: the longest pause between two commits around the crash (commits
