@@ -144,6 +144,7 @@ class Daemon:
         self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.view: NodeView = cluster.initial_view(
             policy_from(self.config.service, self.node, self.peer), self.store.load())
+        self._entering: NodeView | None = None  # the decided view while its actions run
         self.busy: str | None = None  # what the engine is doing right now (for `state`)
         self.busy_since = 0.0
         self.counters: dict[str, int] = {"bad_payload": 0}
@@ -228,7 +229,9 @@ class Daemon:
     def _alone_is_known(self) -> bool:
         """Unreplicated durable writes are safe to acknowledge: this node is ALONE (its new
         generation is on disk) and the peer is gone or no longer claims to be in sync."""
-        view = self.view
+        # While the actions of a decision run (start_prim of a takeover, say), the view still
+        # shows the old state; the new one is what counts (its generation is already on disk).
+        view = self._entering or self.view
         if view.state is not State.ALONE:
             return False
         peer = view.peer  # its own word: it dropped in_sync once it saw our new generation
@@ -496,6 +499,7 @@ class Daemon:
         # stop_prim has finished here (planned failover, swap).
         with self._lock:
             self.view = _keep_state(old, new)
+            self._entering = new
         role = replication_role(new.state)
         if role == "primary":  # writable before the application starts
             self._set_replication_role(role)
@@ -507,6 +511,7 @@ class Daemon:
             self._set_replication_role(role)
         with self._lock:
             self.view = new
+            self._entering = None
         self.link.send_now()
 
     def _run(self, action: Action) -> None:

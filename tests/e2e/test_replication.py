@@ -175,3 +175,24 @@ def test_every_operation_kind_reaches_the_secondary_byte_for_byte(cluster: Clust
     assert (theirs / "sparse").stat().st_blocks * 512 < 1 << 20  # still sparse there
     assert os.stat(theirs / "a" / "b" / "hard").st_ino == os.stat(theirs / "a" / "f").st_ino
     assert (theirs / "left").read_text() == "R" and (theirs / "target").read_text() == "new"
+
+
+@pytest.mark.parametrize("lab_settings", [REPLICATED])
+def test_the_application_of_a_takeover_can_fsync_from_its_first_instant(
+        cluster: Cluster) -> None:
+    """start_prim of the new primary runs before the node advertises ALONE, but its generation
+    is already on disk: a durable write (PostgreSQL's lock file, say) must succeed at once,
+    not fail with EIO after three ack timeouts."""
+    formed(cluster)
+    script = cluster.lab.node_paths("node2").bin_dir / "start_prim"
+    check = (f"{cluster.lab.python} -c \"import os; fd = os.open('{DATA}/started-by-node2', "
+             "os.O_CREAT | os.O_WRONLY, 0o644); os.write(fd, b'x'); os.fsync(fd)\" "
+             "|| { echo 'fsync in start_prim failed'; exit 1; }\n")
+    text = script.read_text()
+    script.write_text(text.replace("res=0\n", "res=0\n" + check, 1))
+    cluster.lab.crash_node("node1")
+    cluster.wait_state("node2", "ALONE")
+    cluster.wait_served_by("node2")
+    log = cluster.module_log("node2")
+    assert "start_prim exited 0" in log and "start_prim failed" not in log, log[-2000:]
+    assert "fsync in start_prim failed" not in cluster.cmd("node2", "applog").stdout
