@@ -263,22 +263,10 @@ class Applier:
                 f"root index {root} out of range ({len(self._root_fds)} replicated dirs)")
         return self._root_fds[root]
 
-    @contextmanager
-    def _parent(self, root: int, path: str) -> Iterator[tuple[int, str]]:
+    def _parent(self, root: int, path: str
+                ) -> contextlib.AbstractContextManager[tuple[int, str]]:
         """(fd of the directory holding path's last component, that component), confined."""
-        *dirs, name = _components(path)
-        root_fd = self._root_fd(root)
-        fd = root_fd
-        try:
-            for component in dirs:
-                child = _step(fd, component)
-                if fd != root_fd:
-                    os.close(fd)
-                fd = child
-            yield fd, name
-        finally:
-            if fd != root_fd:
-                os.close(fd)
+        return confined_parent(self._root_fd(root), path)
 
     @contextmanager
     def _target(self, root: int, path: str) -> Iterator[tuple[int, str]]:
@@ -469,10 +457,11 @@ def _describe(op: Op) -> str:
     return f"{op.kind.name} #{op.seq} {where}"
 
 
-def open_confined(root_fd: int, path: str, flags: int) -> int:
-    """Open `path` below the directory `root_fd` without following a symlink anywhere (the
-    primary's reintegration reads its own live tree with it: a directory swapped for a symlink
-    meanwhile must not lead it outside)."""
+@contextmanager
+def confined_parent(root_fd: int, path: str) -> Iterator[tuple[int, str]]:
+    """(fd of the directory holding path's last component below `root_fd`, that component),
+    no symlink followed on the way (the primary's reintegration reads its own live tree with
+    it too: a directory swapped for a symlink meanwhile must not lead it outside)."""
     *dirs, name = _components(path)
     fd = root_fd
     try:
@@ -481,7 +470,7 @@ def open_confined(root_fd: int, path: str, flags: int) -> int:
             if fd != root_fd:
                 os.close(fd)
             fd = child
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        yield fd, name
     finally:
         if fd != root_fd:
             os.close(fd)

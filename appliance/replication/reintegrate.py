@@ -41,7 +41,7 @@ from appliance.replication.applier import (
     FALLOC_FL_PUNCH_HOLE,
     NOT_A_FILE,
     ConfinementError,
-    open_confined,
+    confined_parent,
 )
 from appliance.replication.inventory import Entry
 from appliance.replication.journal import Dirt, RangeSet
@@ -262,15 +262,9 @@ class Executor:
     def _in_parent(self, path: str, fn: Callable[[int, str], T]) -> T | None:
         """fn(fd of path's directory, last name), or None when the path vanished meanwhile
         (or a symlink appeared in it: never followed)."""
-        parent, _, name = path.rpartition("/")
         try:
-            if not parent:
-                return fn(self.root_fd, name)
-            fd = open_confined(self.root_fd, parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
+            with confined_parent(self.root_fd, path) as (fd, name):
                 return fn(fd, name)
-            finally:
-                os.close(fd)
         except (FileNotFoundError, NotADirectoryError, ConfinementError):
             return None
         except OSError as e:
