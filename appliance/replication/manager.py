@@ -746,10 +746,12 @@ class ReplicationService:
         await self._freeze(True)
         try:
             # Both sides' suspects and zones were settled by pass 1; what the application
-            # changed since is in the journal.
-            again = [(h, reintegrate.Side(side.entries, side.root))
-                     for h, side in await self._peer_sides(sender)]
-            await self._pass(sender, again, self.journal.take().dirt, None, "journal", stats)
+            # changed since is in the journal (nothing: pass 1 saw the final tree, done).
+            second = self.journal.take()
+            if any(second.dirt):
+                again = [(h, reintegrate.Side(side.entries, side.root))
+                         for h, side in await self._peer_sides(sender)]
+                await self._pass(sender, again, second.dirt, None, "journal", stats)
             await sender.submit(Op(OpKind.SYNC, 0, ""))  # all of it on the peer's disk
             self.journal.commit(None)
             self.sender = sender  # live from the first mutation after the freeze
