@@ -340,6 +340,10 @@ class ReplicationService:
             "lag_seconds": lag.seconds if lag else 0.0,
             "receiver": dict(receiver.counters) if receiver else None,
             "journal_bytes": self.journal.volume(),
+            # At risk if this node were lost now: what the peer has not acknowledged (while
+            # streaming) or everything written since the copies were identical (alone).
+            "rpo_bytes": (lag.bytes if lag else 0) if self.streaming() else (
+                self.journal.volume() if self.role == "primary" else 0),
             "unsynced_changes": self.journal.unsynced_marks(),
             **self.counters,
         }

@@ -68,6 +68,8 @@ def test_returning_secondary_gets_only_the_changes_while_the_app_keeps_writing(
           dd if=/dev/urandom of=f$((i % {FILES} + 1)) bs={CHANGE_KIB}K count=1 \
              seek=$((i / {FILES} * 50 + 7)) conv=notrunc,fsync 2>/dev/null
         done""", timeout=120)
+    st = cluster.state("node1")
+    assert st is not None and st["replication"]["rpo_bytes"] >= CHANGES * CHANGE_KIB * 1024
     app_pids = cluster.lab.app_pids()["node1"]
     log, stop = tmp_path / "writer.log", tmp_path / "stop"
     script = tmp_path / "writer.py"
