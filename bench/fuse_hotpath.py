@@ -6,6 +6,9 @@ Configurations, all on the file system of /var/tmp:
 
 - local        a plain directory
 - fuse:NAME    a mount child with no --control (nothing replicated), from source tree NAME
+- inproc:NAME  the mount served in a process's own trio loop with a sink that accepts every op
+               at once (as the daemon serves the first replicated dir: no socket hop, and a
+               sink that needs the loop to send)
 - sink:NAME    a mount child whose control socket goes to a stand-in daemon (this module's
                `fake-daemon`: fusefs.MountChannel over a sink that accepts every op at once),
                i.e. the child, the framing both ways and the daemon's MountChannel, no TLS
@@ -62,8 +65,12 @@ def mount_child(tree: Path, directory: Path, control: Path | None,
     """A mount child of `tree` over `directory` in a private mount namespace; yields the prefix
     entering that namespace."""
     directory.mkdir(parents=True, exist_ok=True)
+    server = ["appliance.replication.fusefs", "--root-index", "0"]
+    if control == INPROC:
+        server, control = ["bench.fuse_hotpath", "inproc-mount"], None
+        _copy_into(tree)
     argv = ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-m",
-            "appliance.replication.fusefs", "--root-index", "0", "--dir", str(directory),
+            *server, "--dir", str(directory),
             *(["--control", str(control)] if control else []), *extra]
     log = (SCRATCH / f"{directory.parent.name}.log").open("ab")
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -90,8 +97,7 @@ def mount_child(tree: Path, directory: Path, control: Path | None,
 def fake_daemon(tree: Path, socket: Path) -> Iterator[None]:
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()
-    if tree != ROOT:  # the stand-in runs from `tree` too (its MountChannel)
-        shutil.copy(Path(__file__), tree / "bench" / "fuse_hotpath.py")
+    _copy_into(tree)  # the stand-in runs from `tree` too (its MountChannel)
     proc = subprocess.Popen([sys.executable, "-m", "bench.fuse_hotpath", "fake-daemon",
                              "--socket", str(socket)], cwd=tree, env=_env(tree))
     try:
@@ -104,6 +110,28 @@ def fake_daemon(tree: Path, socket: Path) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+INPROC = Path("in-process")
+
+
+def _copy_into(tree: Path) -> None:
+    if tree != ROOT:
+        shutil.copy(Path(__file__), tree / "bench" / "fuse_hotpath.py")
+
+
+def run_inproc_mount(directory: Path) -> None:
+    import signal
+
+    from appliance.replication.fusefs import ReplicatedFs, mount_in_thread, prepare_backing
+
+    class Accept:
+        async def submit(self, op: Any) -> None:
+            return None
+
+    fd = prepare_backing(directory)
+    with mount_in_thread(directory, ReplicatedFs(0, fd, Accept(), False)):
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
 
 
 def run_fake_daemon(socket: Path) -> None:
@@ -184,11 +212,13 @@ def pgbench(enter: Sequence[str], directory: Path, seconds: int) -> dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fuse_hotpath")
-    parser.add_argument("command", nargs="?", default="bench", choices=("bench", "fake-daemon"))
+    parser.add_argument("command", nargs="?", default="bench", choices=("bench", "fake-daemon",
+                                                                 "inproc-mount"))
+    parser.add_argument("--dir", type=Path)
     parser.add_argument("--socket", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tree", action="append", default=[], help="NAME=DIR")
-    parser.add_argument("--configs", default="fuse,sink", help="kinds: fuse, sink")
+    parser.add_argument("--configs", default="fuse,sink", help="kinds: fuse, sink, inproc")
     parser.add_argument("--workloads", default="fsync,files,seq")
     parser.add_argument("--fsync", type=int, default=2000)
     parser.add_argument("--files", type=int, default=3000)
@@ -198,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also pgbench (scale 5, 4 clients) for this long per run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "inproc-mount":
+        import signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        run_inproc_mount(args.dir)
+        return 0
     if args.command == "fake-daemon":
         run_fake_daemon(args.socket)
         return 0
@@ -217,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if kind == "sink":
                     control = SCRATCH / f"{kind}-{name}.sock"
                     stack.enter_context(fake_daemon(tree, control))
+                elif kind == "inproc":
+                    control = INPROC
                 configs[key] = stack.enter_context(
                     mount_child(tree, SCRATCH / f"{kind}-{name}" / "mnt", control,
                                 args.child_arg))
