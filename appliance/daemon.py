@@ -641,8 +641,8 @@ def sync_mode(me: cluster.Memory, peer: cluster.Memory, identical: bool
     divergent data is set aside there, never overwritten in place. Otherwise only what differs
     is sent; `base` is the generation both copies last had when the peer wrote nothing since
     (then the journals of both sides can say what differs), else None (checksums decide)."""
-    if identical:
-        return "attach", None
+    if identical:  # the base, should the primary's journal show a gap after all
+        return "attach", me.synced.as_list() if me.synced.counter > 0 else None
     if peer.wrote_alone:
         return "full", None
     if peer.gen == peer.synced == me.synced and me.synced.counter > 0:

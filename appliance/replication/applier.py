@@ -61,6 +61,7 @@ _STEP_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: should a fifo ever slip in, opening it must fail rather than hang the receiver.
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _PERMS = 0o7777
 _SETATTR_ALL = sum(SetattrField)
 _MAX_OFF = 2**63 - 1
@@ -173,17 +174,11 @@ class Applier:
         if not 4096 <= op.length <= 16 * 1024 * 1024:
             raise OSError(EINVAL, f"checksum block of {op.length} bytes")
         with self._parent(op.root, op.path) as (dir_fd, name):
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=dir_fd)
-            except (FileNotFoundError, OSError) as e:
-                if e.errno in (errno.ENOENT, ELOOP, errno.ENXIO):
-                    return NOT_A_FILE.to_bytes(8, "big")
-                raise
+            fd = open_for_reading(dir_fd, name)
+        if fd is None:
+            return NOT_A_FILE.to_bytes(8, "big")
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return NOT_A_FILE.to_bytes(8, "big")
             sums = inventory.block_sums(fd, st.st_size, op.length, self._workers)
             return st.st_size.to_bytes(8, "big") + sums
         finally:
@@ -506,11 +501,11 @@ def _is_symlink(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _open_regular(dir_fd: int, name: str) -> int:
+def _open_regular(dir_fd: int, name: str, flags: int = _FILE_FLAGS) -> int:
     """A write fd on the regular file `name`; anything else is refused before being opened."""
     before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     _require_regular(before.st_mode, name)
-    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    fd = os.open(name, flags, dir_fd=dir_fd)
     try:
         after = os.fstat(fd)
         if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
@@ -520,6 +515,19 @@ def _open_regular(dir_fd: int, name: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_for_reading(dir_fd: int, name: str) -> int | None:
+    """A read fd on the regular file `name` of `dir_fd`, or None when it is none (gone, a
+    symlink, a device node: never opened, as opening a device alone may act on it)."""
+    try:
+        return _open_regular(dir_fd, name, _READ_FLAGS)
+    except (FileNotFoundError, ConfinementError, ApplyError):
+        return None
+    except OSError as e:
+        if e.errno in (ELOOP, errno.ENXIO, ENOTDIR, EISDIR):
+            return None
+        raise
 
 
 def _require_regular(mode: int, name: str) -> None:

@@ -82,6 +82,8 @@ CLOSE_TIMEOUT_S = 1.0
 MAX_PENDING_HANDSHAKES = 16  # unauthenticated connections cannot pile up without bound
 RECEIVE_CHUNK = 256 * 1024
 SEND_BATCH_BYTES = 256 * 1024  # small frames are joined into one send_all up to this
+QUERY_TIMEOUT_S = 300.0  # a LIST of a huge tree or SUMS of a huge file takes a while
+MAX_ANSWER_BYTES = 1 << 30  # memory a query's answer may take here
 APPLY_BATCH_OPS = 256  # ops handed to the applier thread per round trip
 APPLY_BATCH_BYTES = 4 * 1024 * 1024
 # Half-open TCP (peer host died, no FIN) is noticed by the sender's ack timeout; keepalive lets
@@ -355,16 +357,23 @@ class ReplicaSender:
         Raises ReplicaBroken, or ProtocolError for an op that cannot be encoded (not sent)."""
         await self._submit(op)
 
-    async def query(self, op: Op) -> bytes:
+    async def query(self, op: Op, timeout_s: float = QUERY_TIMEOUT_S) -> bytes:
         """Send a query op (LIST, SUMS) in its place in the stream and return the secondary's
-        answer: it describes the secondary's copy after every op sent before it."""
+        answer: it describes the secondary's copy after every op sent before it. No answer
+        within `timeout_s` (a stuck secondary: queries are acknowledged on receipt, so the
+        ack watchdog does not see it) breaks the stream."""
         if not op.query:
             raise ValueError(f"{op.kind.name} is not a query")
         seq = await self._submit(op)
         done = self._answered[seq]
-        while not done.is_set():
+        with trio.move_on_after(timeout_s):
+            while not done.is_set():
+                self._raise_if_broken()
+                await self._changed.wait()
+        if not done.is_set():
+            self._break(f"{self.peer} did not answer {op.kind.name} #{seq} within "
+                        f"{timeout_s:g} s")
             self._raise_if_broken()
-            await self._changed.wait()
         del self._answered[seq]
         return b"".join(self._replies.pop(seq))
 
@@ -496,6 +505,8 @@ class ReplicaSender:
                 if parts is None or self._answered[seq].is_set():
                     raise ProtocolError(f"reply to seq {seq}, which is no pending query")
                 parts.append(payload)
+                if sum(map(len, parts)) > MAX_ANSWER_BYTES:
+                    raise ProtocolError(f"answer to query {seq} over {MAX_ANSWER_BYTES} bytes")
                 if last:
                     self._answered[seq].set()
                     self._notify()

@@ -41,22 +41,31 @@ class Entry:
     nlink: int
     rdev: int = 0
     target: str = ""  # symlink target
+    dev: int = 0  # with ino, the file's identity (a nested mount has inodes of its own)
 
     def to_json(self) -> list[Any]:
         return [self.path, self.kind, self.mode, self.uid, self.gid, self.size, self.mtime_ns,
-                self.ctime_ns, self.ino, self.nlink, self.rdev, self.target]
+                self.ctime_ns, self.ino, self.nlink, self.rdev, self.target, self.dev]
+
+    @property
+    def identity(self) -> tuple[int, int] | str:
+        """Hard-link group key: (dev, ino) for a file with several names, else its path."""
+        return (self.dev, self.ino) if self.nlink > 1 else self.path
 
     @classmethod
     def from_json(cls, row: Any) -> Entry:
-        if not isinstance(row, list) or len(row) != 12:
+        if not isinstance(row, list) or len(row) != 13:
             raise ValueError(f"bad tree entry {row!r}")
         path, kind, target = row[0], row[1], row[11]
         numbers = row[2:11]
+        dev = row[12]
+        if not isinstance(dev, int) or isinstance(dev, bool):
+            raise ValueError(f"bad tree entry {row!r}")
         if (not isinstance(path, str) or not path or kind not in ("d", "f", "l", "n")
                 or not isinstance(target, str)
                 or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)):
             raise ValueError(f"bad tree entry {row!r}")
-        return cls(path, kind, *numbers, target=target)
+        return cls(path, kind, *numbers, target=target, dev=dev)
 
     @property
     def same_attrs_key(self) -> tuple[int, int, int, int]:
@@ -76,7 +85,7 @@ def _kind(mode: int) -> str:
 def entry_from_stat(path: str, st: os.stat_result, target: str = "") -> Entry:
     return Entry(path, _kind(st.st_mode), st.st_mode, st.st_uid, st.st_gid,
                  st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_mtime_ns, st.st_ctime_ns,
-                 st.st_ino, st.st_nlink, st.st_rdev, target)
+                 st.st_ino, st.st_nlink, st.st_rdev, target, st.st_dev)
 
 
 def list_tree(root_fd: int, skip: str) -> list[Entry]:

@@ -41,7 +41,9 @@ from typing import Any
 from appliance.replication.protocol import Op, OpKind
 
 END = 2**63 - 1  # "to the end of the file"
-SUSPECT_MARGIN_S = 10.0  # ops in flight from a mount child, clock granularity
+SUSPECT_MARGIN_S = 10.0  # at least: ops in flight from a mount, clock granularity
+MAX_RANGES = 2048  # per file; beyond, its zones are coarsened to COARSE-byte blocks
+COARSE = 1024 * 1024
 _VERSION = 1
 
 
@@ -83,6 +85,13 @@ class RangeSet:
     def __repr__(self) -> str:
         return f"RangeSet({list(self)!r})"
 
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def coarsened(self, block: int) -> RangeSet:
+        """The same ranges widened to whole `block`s (fewer, larger ranges)."""
+        return RangeSet((s - s % block, min(END, -(-e // block) * block)) for s, e in self)
+
     def total(self, size: int = END) -> int:
         return sum(max(0, min(end, size) - start) for start, end in self if start < size)
 
@@ -104,16 +113,20 @@ class RangeSet:
 
 @dataclass
 class Dirt:
-    """Zones and whole paths of one replicated dir."""
+    """Zones and whole paths of one replicated dir, and how many ops were recorded at all
+    (namespace and attribute changes leave no zone, yet the copies differ)."""
 
     zones: dict[str, RangeSet] = field(default_factory=dict)
     whole: set[str] = field(default_factory=set)
+    ops: int = 0
 
     def zone(self, path: str, start: int, end: int) -> None:
         ranges = self.zones.get(path)
         if ranges is None:
             ranges = self.zones[path] = RangeSet()
         ranges.add(start, end)
+        if len(ranges) > MAX_RANGES:  # random small writes: bounded memory and file size
+            self.zones[path] = ranges.coarsened(COARSE)
 
     def merge(self, other: Dirt) -> None:
         for path, ranges in other.zones.items():
@@ -123,6 +136,7 @@ class Dirt:
             else:
                 mine.update(ranges)
         self.whole |= other.whole
+        self.ops += other.ops
 
     def is_whole(self, path: str) -> bool:
         """The path or a directory above it was marked whole."""
@@ -137,14 +151,14 @@ class Dirt:
             path = path[:cut]
 
     def __bool__(self) -> bool:
-        return bool(self.zones or self.whole)
+        return bool(self.zones or self.whole or self.ops)
 
     def volume(self) -> int:
         return sum(r.total() for r in self.zones.values() if r.total() < END // 2)
 
     def to_json(self) -> dict[str, Any]:
         return {"zones": {p: r.to_json() for p, r in self.zones.items()},
-                "whole": sorted(self.whole)}
+                "whole": sorted(self.whole), "ops": self.ops}
 
     @classmethod
     def from_json(cls, value: Any) -> Dirt:
@@ -156,15 +170,19 @@ class Dirt:
             raise ValueError("bad zones/whole")
         if not all(isinstance(p, str) for p in whole):
             raise ValueError("whole paths must be strings")
-        return cls({str(p): RangeSet.from_json(r) for p, r in zones.items()}, set(whole))
+        ops = value.get("ops", 0)
+        if not isinstance(ops, int) or isinstance(ops, bool) or ops < 0:
+            raise ValueError("bad op count")
+        return cls({str(p): RangeSet.from_json(r) for p, r in zones.items()}, set(whole), ops)
 
 
-# What an op changes, without its data: (root, "z"one start end | "w"hole, path).
+# What an op changes, without its data: (root, "z"one start end | "w"hole | "o"p only, path).
 Mark = tuple[int, str, str, int, int]
 
 
 def marks_of(op: Op) -> tuple[Mark, ...]:
-    """What `op` makes different from the peer's copy (nothing: the tree comparison finds it)."""
+    """What `op` makes different from the peer's copy ("o": only that something changed, the
+    tree comparison finds what; nothing for FSYNC and SYNC, which change nothing)."""
     match op.kind:
         case OpKind.WRITE:
             return ((op.root, "z", op.path, op.offset, op.offset + len(op.data)),)
@@ -178,17 +196,21 @@ def marks_of(op: Op) -> tuple[Mark, ...]:
             return ((op.root, "w", op.path2, 0, 0), (op.root, "w", op.path, 0, 0))
         case OpKind.LINK:
             return ((op.root, "w", op.path2, 0, 0),)
-    return ()
+        case OpKind.FSYNC | OpKind.SYNC:
+            return ()
+    return ((op.root, "o", op.path, 0, 0),)
 
 
 def apply_marks(dirt: list[Dirt], marks: Iterable[Mark]) -> None:
     for root, what, path, start, end in marks:
         if not 0 <= root < len(dirt):
             continue
+        d = dirt[root]
+        d.ops += 1
         if what == "z":
-            dirt[root].zone(path, start, end)
-        else:
-            dirt[root].whole.add(path)
+            d.zone(path, start, end)
+        elif what == "w":
+            d.whole.add(path)
 
 
 @dataclass
@@ -202,9 +224,12 @@ class Snapshot:
 class DirtyJournal:
     """One module's journal on one node (see the module docstring)."""
 
-    def __init__(self, path: Path, roots: int) -> None:
+    def __init__(self, path: Path, roots: int, margin_s: float = SUSPECT_MARGIN_S) -> None:
         self.path = path
         self.roots = roots
+        # How late an op may be recorded after the application's change reached the disk
+        # (it travels from the mount, then may wait for room in the window).
+        self.margin_s = max(SUSPECT_MARGIN_S, margin_s)
         self.base: list[Any] | None = None  # generation of the last identical copies
         self.valid = False  # the journal has followed every change since `base`
         self.torn = False  # a copy INTO this node is under way: its data is not a whole copy
@@ -236,17 +261,23 @@ class DirtyJournal:
             return (f"dirty-zone journal {self.path} unreadable ({e}): set aside; the next "
                     "reintegration compares checksums")
         self.loaded_clean = bool(data.get("clean"))
-        # Only a node whose application was writing can hold changes it did not record; a
-        # secondary's copy is a prefix of its primary's stream, which the primary accounts for.
+        complete = float(data.get("complete_before", 0.0)) - self.margin_s
+        when = time.strftime("%H:%M:%S", time.localtime(complete))
+        # After a clean stop the directories were plain ones: what anybody wrote there since
+        # was not recorded. After a crash, only a node whose application was writing can hold
+        # changes it did not record (a secondary's copy is a prefix of its primary's stream,
+        # which the primary accounts for).
+        if self.loaded_clean or data.get("writing"):
+            self._suspect_from(complete)
         if not self.loaded_clean and data.get("writing"):
-            complete = float(data.get("complete_before", 0.0)) - SUSPECT_MARGIN_S
-            self.suspect_since = (complete if self.suspect_since is None
-                                  else min(self.suspect_since, complete))
-            self.changed = True
             return ("dirty-zone journal loaded after an unclean stop: files changed since "
-                    f"{time.strftime('%H:%M:%S', time.localtime(complete))} will be compared "
-                    "by checksums")
-        return "dirty-zone journal loaded"
+                    f"{when} will be compared by checksums")
+        return f"dirty-zone journal loaded (files changed since the stop at {when} are compared)"
+
+    def _suspect_from(self, since: float) -> None:
+        self.suspect_since = since if self.suspect_since is None else min(self.suspect_since,
+                                                                          since)
+        self.changed = True
 
     def _quarantine(self) -> None:
         with contextlib.suppress(OSError):

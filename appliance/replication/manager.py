@@ -248,11 +248,14 @@ class ReplicationService:
         self._receiver_done: trio.Event | None = None
         self._sender_from_copy = False  # the live stream began with a full copy
         self.journal = DirtyJournal(settings.journal_path or Path("/nonexistent/journal.json"),
-                                    len(settings.dirs))
+                                    len(settings.dirs), margin_s=3 * settings.ack_timeout_s + 5)
         # The journal is changed by the trio thread (primary) and by the applier's worker
         # thread (secondary markers); the writer takes a consistent state under this lock.
         self._journal_lock = threading.Lock()
+        self._journal_file_lock = threading.Lock()
+        self._journal_version = self._journal_written = 0
         self._barrier_running = False
+        self._sync_scope: trio.CancelScope | None = None
         self._stopping = False
         self._retry_s, self._last_failure = RETRY_FIRST_S, ""
         self._incoming: dict[str, Any] = {}  # secondary: the copy being received (log line)
@@ -327,7 +330,18 @@ class ReplicationService:
         if self._token is not None:
             trio.from_thread.run_sync(self._drop_sender, "peer lost", trio_token=self._token)
 
+    def _journal_figures(self) -> tuple[int, int]:
+        """(dirty bytes, unsynced changes), read from another thread than the loop changing
+        them: a read that met a change is simply done again."""
+        for _ in range(5):
+            try:
+                return self.journal.volume(), self.journal.unsynced_marks()
+            except RuntimeError:  # "changed size during iteration"
+                continue
+        return -1, -1
+
     def status(self) -> dict[str, Any]:
+        journal_bytes, unsynced = self._journal_figures()
         sender = self.sender
         lag = sender.lag() if sender is not None else None
         receiver = self.receiver
@@ -339,12 +353,12 @@ class ReplicationService:
             "lag_ops": lag.ops if lag else 0,
             "lag_seconds": lag.seconds if lag else 0.0,
             "receiver": dict(receiver.counters) if receiver else None,
-            "journal_bytes": self.journal.volume(),
+            "journal_bytes": journal_bytes,
             # At risk if this node were lost now: what the peer has not acknowledged (while
             # streaming) or everything written since the copies were identical (alone).
             "rpo_bytes": (lag.bytes if lag else 0) if self.streaming() else (
-                self.journal.volume() if self.role == "primary" else 0),
-            "unsynced_changes": self.journal.unsynced_marks(),
+                journal_bytes if self.role == "primary" else 0),
+            "unsynced_changes": unsynced,
             **self.counters,
         }
 
@@ -372,30 +386,42 @@ class ReplicationService:
 
     # -- the journal -----------------------------------------------------------------------
 
-    def _write_journal(self, *, clean: bool = False) -> None:
-        """Write the journal file now (blocking; the trio thread uses _keep_journal)."""
+    def _write_journal(self, *, clean: bool = False, must: bool = False) -> None:
+        """Write the journal file now (blocking; the trio thread uses _keep_journal). `must`:
+        raise when it cannot be written (a secondary about to change its copy)."""
         if self.s.journal_path is None:
             return
-        with self._journal_lock:
-            state = self.journal.state(clean=clean)
-        self._store_journal(state)
+        self._store_journal(self._journal_state(clean), must=must)
 
-    def _store_journal(self, state: dict[str, Any]) -> None:
+    def _journal_state(self, clean: bool = False) -> tuple[int, dict[str, Any]]:
+        with self._journal_lock:
+            self._journal_version += 1
+            return self._journal_version, self.journal.state(clean=clean)
+
+    def _store_journal(self, versioned: tuple[int, dict[str, Any]], must: bool = False) -> None:
+        """Writers of several threads: one at a time, and never an older state over a newer
+        one (a secondary's "torn" must not be undone by a late periodic write)."""
         assert self.s.journal_path is not None
-        try:
-            write_state(self.s.journal_path, state)
-        except OSError as e:
-            log.error("cannot write the dirty-zone journal %s: %s", self.s.journal_path, e)
-            self.journal.changed = True
+        version, state = versioned
+        with self._journal_file_lock:
+            if version <= self._journal_written:
+                return
+            try:
+                write_state(self.s.journal_path, state)
+            except OSError as e:
+                log.error("cannot write the dirty-zone journal %s: %s", self.s.journal_path, e)
+                self.journal.changed = True
+                if must:
+                    raise
+                return
+            self._journal_written = version
 
     async def _keep_journal(self) -> None:
         # The state is taken here, in the loop that changes the journal; only the writing
         # (fsync, rename) goes to a worker thread.
         if self.s.journal_path is None or not self.journal.changed:
             return
-        with self._journal_lock:
-            state = self.journal.state()
-        await trio.to_thread.run_sync(self._store_journal, state)
+        await trio.to_thread.run_sync(self._store_journal, self._journal_state())
 
     async def _journal_keeper(self) -> None:
         """Rewrites the journal file when it changed; while streaming, sends SYNC barriers so
@@ -507,10 +533,16 @@ class ReplicationService:
             if self._receiver_done is not None:
                 await self._receiver_done.wait()
         if role != "primary":
+            if self._sync_scope is not None:
+                self._sync_scope.cancel()  # no copy goes on from a node that stops writing
             await self._drain_and_drop_sender()
         with self._journal_lock:
             self.journal.writing = role == "primary"
             self.journal.changed = True
+        if role == "primary":
+            # On disk before anything can be written: a crash from now on makes the changes
+            # of the last seconds suspect (journal.load).
+            await trio.to_thread.run_sync(self._write_journal)
         if role == "stopped":
             await self._unmount_all()
         else:
@@ -584,7 +616,7 @@ class ReplicationService:
                 # compared in full next time, whatever the journals say.
                 with self._journal_lock:
                     self.journal.set_torn()
-                self._write_journal()
+                self._write_journal(must=True)  # else no change: the copy stays trusted
                 what = "full copy" if op.kind is OpKind.RESET else f"reintegration ({op.path2})"
                 self._incoming = {"what": what, "bytes": 0}
         elif op.kind is OpKind.RESYNC_DONE:
@@ -627,6 +659,10 @@ class ReplicationService:
         self._sender_from_copy = False
         assert self._nursery is not None
         self.resyncing = True
+        if mode == "attach" and any(self.journal.all_dirt()):
+            # Something changed since the copies were identical (a stream that broke with
+            # ops in flight, writes since): a plain attach would leave that gap there.
+            mode = "reintegrate"
         if mode == "attach":
             job, what = self._attach, "attaching the replication stream to"
         elif mode == "full":
@@ -655,9 +691,16 @@ class ReplicationService:
 
     async def _sync_task(self, what: str, job: Callable[[], Awaitable[None]]) -> None:
         """Run an attach, resync or reintegration; when it fails, say why and have the daemon
-        try again later (its peer may still be SECOND, waiting), less and less often."""
+        try again later (its peer may still be SECOND, waiting), less and less often. Leaving
+        the primary role cancels it (_set_role)."""
         try:
-            await job()
+            with trio.CancelScope() as scope:
+                self._sync_scope = scope
+                await job()
+            if scope.cancelled_caught:
+                self.journal.abort()
+                self.say(f"{what} {self.s.peer} abandoned: this node is no longer primary")
+                return
             self._retry_s, self._last_failure = RETRY_FIRST_S, ""
         except (ReplicaBroken, OSError, MirrorhaError) as e:
             self._failed(what, str(e))
@@ -665,6 +708,7 @@ class ReplicationService:
             log.exception("%s %s failed", what, self.s.peer)
             self._failed(what, f"(internal error) {e!r}")
         finally:
+            self._sync_scope = None
             self.resyncing = False
 
     def _failed(self, what: str, why: str) -> None:
@@ -683,8 +727,8 @@ class ReplicationService:
 
     async def _attach(self) -> None:
         """Stream to a secondary whose copy is already identical (after a swap)."""
-        await self._freeze(True)
         try:
+            await self._freeze(True)
             self.sender = await self._connect()
         finally:
             await self._freeze(False)
@@ -747,8 +791,8 @@ class ReplicationService:
         await sender.submit(Op(OpKind.REINT_BEGIN, 0, "", path2=mode))
         first = self.journal.take()
         await self._pass(sender, peer, first.dirt, first.suspect_since, mode, stats)
-        await self._freeze(True)
         try:
+            await self._freeze(True)
             # Both sides' suspects and zones were settled by pass 1; what the application
             # changed since is in the journal (nothing: pass 1 saw the final tree, done).
             second = self.journal.take()
@@ -757,6 +801,8 @@ class ReplicationService:
                          for h, side in await self._peer_sides(sender)]
                 await self._pass(sender, again, second.dirt, None, "journal", stats)
             await sender.submit(Op(OpKind.SYNC, 0, ""))  # all of it on the peer's disk
+            if self.role != "primary":
+                raise ReplicationError("this node stopped being primary during the copy")
             self.journal.commit(None)
             self.sender = sender  # live from the first mutation after the freeze
             self._sender_from_copy = True
@@ -834,8 +880,8 @@ class ReplicationService:
         """OpSink of the mount children."""
         if self.role != "primary":
             raise OSError(30, "read-only: this node is not the primary")  # EROFS
-        # During a resync the mounts are frozen: the only ops arriving are those already on disk
-        # before the freeze, and the copy that follows includes them.
+        # No live stream (alone, or a copy under way): the journal records the op; a durable
+        # one succeeds only once the peer cannot take over believing it is in sync.
         sender = self.sender
         if sender is not None and sender.broken is None:
             self.journal.note(op)
@@ -846,7 +892,7 @@ class ReplicationService:
                 self.journal.spill()  # on_broken told the engine; the app keeps running ALONE
         else:
             self.journal.record(op)
-        if op.durable and not self.resyncing:
+        if op.durable:
             await self._until_alone_is_known(op)
 
     async def _until_alone_is_known(self, op: Op) -> None:

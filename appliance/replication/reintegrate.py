@@ -42,6 +42,7 @@ from appliance.replication.applier import (
     NOT_A_FILE,
     ConfinementError,
     confined_parent,
+    open_for_reading,
 )
 from appliance.replication.inventory import Entry
 from appliance.replication.journal import Dirt, RangeSet
@@ -97,12 +98,12 @@ def _depth(path: str) -> int:
     return path.count("/") + 1 if path else 0
 
 
-def _groups(entries: dict[str, Entry]) -> dict[int, list[str]]:
-    """Regular files by inode: the names of each hard-link group, sorted."""
-    out: dict[int, list[str]] = defaultdict(list)
+def _groups(entries: dict[str, Entry]) -> dict[tuple[int, int] | str, list[str]]:
+    """Regular files by identity: the names of each hard-link group, sorted."""
+    out: dict[tuple[int, int] | str, list[str]] = defaultdict(list)
     for path, e in entries.items():
         if e.kind == "f":
-            out[e.ino].append(path)
+            out[e.identity].append(path)
     for names in out.values():
         names.sort()
     return out
@@ -148,8 +149,8 @@ def plan(src: Side, dst: Side, mode: str) -> Plan:
         t0 = dst.entries.get(names[0])
         kept = (t0 is not None and t0.kind == "f"
                 and all(n not in removed and dst.entries.get(n) is not None
-                        and dst.entries[n].ino == t0.ino for n in names)
-                and t_groups.get(t0.ino) == names)
+                        and dst.entries[n].identity == t0.identity for n in names)
+                and t_groups.get(t0.identity) == names)
         if kept:
             job = _data_job(names, src, dst, mode)
             if job is not None:
@@ -280,14 +281,7 @@ class Executor:
         return self._in_parent(path, lambda fd, name: os.readlink(name, dir_fd=fd))
 
     def _open(self, path: str) -> int | None:
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = self._in_parent(path, lambda dir_fd, name: os.open(name, flags, dir_fd=dir_fd))
-        if fd is None:
-            return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return fd
+        return self._in_parent(path, open_for_reading)
 
     async def run(self, p: Plan) -> Stats:
         before = Stats()

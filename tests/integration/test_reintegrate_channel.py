@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from appliance.replication import reintegrate
+from appliance.replication.applier import NOT_A_FILE
 from appliance.replication.channel import ReplicaBroken
 from appliance.replication.journal import Dirt, DirtyJournal
 from appliance.replication.protocol import Op, OpKind
@@ -221,4 +223,22 @@ def test_queries_cannot_read_outside_the_replicated_dir(
                 await sender.query(Op(OpKind.SUMS, 0, path, length=128 * 1024))
             assert sender.nack is not None and sender.nack.errno == errno.EPERM
             assert side.receiver.counters["rejected"] == 1
+    run(scenario)
+
+
+def test_checksums_of_a_device_fifo_or_directory_say_not_a_file(
+        pki: Path, trees: tuple[Path, Path]) -> None:
+    """Never opened (opening a device alone may act on it): answered as "no regular file"."""
+    _, dst = trees
+    dst.mkdir()
+    os.mknod(dst / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(dst / "fifo")
+    (dst / "dir").mkdir()
+
+    async def scenario() -> None:
+        async with (secondary(pki, dst) as side,
+                    primary(make_sender(pki, side.port)) as sender):
+            for name in ("null", "fifo", "dir", "missing"):
+                answer = await sender.query(Op(OpKind.SUMS, 0, name, length=128 * 1024))
+                assert int.from_bytes(answer[:8], "big") == NOT_A_FILE, name
     run(scenario)

@@ -111,19 +111,54 @@ def test_an_unclean_stop_of_a_writing_node_makes_later_changes_suspect(tmp_path:
     assert set(again.all_dirt()[0].zones) == {"a"}
 
 
-def test_a_clean_stop_or_a_secondary_crash_leaves_nothing_suspect(tmp_path: Path) -> None:
+def test_after_a_clean_stop_only_what_changed_while_unmounted_is_suspect(
+        tmp_path: Path) -> None:
     path = tmp_path / "j.json"
     j = DirtyJournal(path, 1)
     j.writing = True
+    stopped = time.time()
     write_state(path, j.state(clean=True))
     clean = DirtyJournal(path, 1)
     clean.load()
-    assert clean.suspect_since is None
-    j.writing = False  # a secondary's copy is a prefix of its primary's stream
-    write_state(path, j.state())
+    # The dirs were plain directories since the stop: anything written there is compared.
+    assert clean.suspect_since is not None
+    assert stopped - 11 <= clean.suspect_since <= stopped - 9
+
+
+def test_a_crashed_secondary_has_nothing_suspect(tmp_path: Path) -> None:
+    """Its copy is a prefix of its primary's stream, which the primary's journal covers."""
+    path = tmp_path / "j.json"
+    j = DirtyJournal(path, 1)
+    write_state(path, j.state())  # writing=False, not clean
     second = DirtyJournal(path, 1)
     second.load()
     assert second.suspect_since is None
+
+
+def test_namespace_and_attribute_changes_count_even_without_zones(tmp_path: Path) -> None:
+    """Reintegration may skip its frozen pass only when nothing at all was recorded."""
+    j = DirtyJournal(tmp_path / "j.json", 1)
+    j.take()
+    j.record(Op(OpKind.UNLINK, 0, "secret"))
+    j.record(Op(OpKind.SETATTR, 0, "key", mode=0o600))
+    second = j.take()
+    assert any(second.dirt) and second.dirt[0].ops == 2
+    j.record(Op(OpKind.FSYNC, 0, "f"))  # changes nothing
+    assert not any(j.take().dirt)
+
+
+def test_random_small_writes_are_coarsened_not_kept_one_by_one(tmp_path: Path) -> None:
+    j = DirtyJournal(tmp_path / "j.json", 1)
+    for i in range(5000):
+        j.record(w("db", i * 8192 * 7 % (1 << 32), 100))
+    zones = j.all_dirt()[0].zones["db"]
+    assert len(zones) <= 2048  # bounded, wider: still covers every write
+    assert all(any(s <= i * 8192 * 7 % (1 << 32) < e for s, e in zones) for i in range(5000))
+
+
+def test_the_margin_follows_the_ack_timeout(tmp_path: Path) -> None:
+    assert DirtyJournal(tmp_path / "j.json", 1, margin_s=90).margin_s == 90
+    assert DirtyJournal(tmp_path / "j.json", 1, margin_s=1).margin_s == 10
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from appliance.replication.inventory import Entry
@@ -113,3 +115,11 @@ def test_directories_get_their_attributes_last_deepest_first() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError):
         plan(side(), side(), "guess")
+
+
+def test_equal_inode_numbers_on_other_devices_or_single_links_are_no_hard_links() -> None:
+    """A nested mount or a btrfs subvolume has inode numbers of its own (257 in each)."""
+    a = dataclasses.replace(f("s1/a", 257), dev=1)
+    b = dataclasses.replace(f("s2/b", 257), dev=2)
+    p = plan(side(d("s1", 1), d("s2", 2), a, b), side(d("s1", 1), d("s2", 2)), "journal")
+    assert not p.links and {e.path for e in p.make} == {"s1/a", "s2/b"}
