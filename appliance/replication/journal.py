@@ -113,12 +113,12 @@ class RangeSet:
 
 @dataclass
 class Dirt:
-    """Zones and whole paths of one replicated dir, and how many ops were recorded at all
-    (namespace and attribute changes leave no zone, yet the copies differ)."""
+    """Zones and whole paths of one replicated dir, and the paths of every other recorded
+    change (namespace, attributes: no bytes to send, yet the copies differ there)."""
 
     zones: dict[str, RangeSet] = field(default_factory=dict)
     whole: set[str] = field(default_factory=set)
-    ops: int = 0
+    touched: set[str] = field(default_factory=set)
 
     def zone(self, path: str, start: int, end: int) -> None:
         ranges = self.zones.get(path)
@@ -136,7 +136,7 @@ class Dirt:
             else:
                 mine.update(ranges)
         self.whole |= other.whole
-        self.ops += other.ops
+        self.touched |= other.touched
 
     def is_whole(self, path: str) -> bool:
         """The path or a directory above it was marked whole."""
@@ -151,14 +151,14 @@ class Dirt:
             path = path[:cut]
 
     def __bool__(self) -> bool:
-        return bool(self.zones or self.whole or self.ops)
+        return bool(self.zones or self.whole or self.touched)
 
     def volume(self) -> int:
         return sum(r.total() for r in self.zones.values() if r.total() < END // 2)
 
     def to_json(self) -> dict[str, Any]:
         return {"zones": {p: r.to_json() for p, r in self.zones.items()},
-                "whole": sorted(self.whole), "ops": self.ops}
+                "whole": sorted(self.whole), "touched": sorted(self.touched)}
 
     @classmethod
     def from_json(cls, value: Any) -> Dirt:
@@ -170,10 +170,11 @@ class Dirt:
             raise ValueError("bad zones/whole")
         if not all(isinstance(p, str) for p in whole):
             raise ValueError("whole paths must be strings")
-        ops = value.get("ops", 0)
-        if not isinstance(ops, int) or isinstance(ops, bool) or ops < 0:
-            raise ValueError("bad op count")
-        return cls({str(p): RangeSet.from_json(r) for p, r in zones.items()}, set(whole), ops)
+        touched = value.get("touched", [])
+        if not isinstance(touched, list) or not all(isinstance(p, str) for p in touched):
+            raise ValueError("touched paths must be strings")
+        return cls({str(p): RangeSet.from_json(r) for p, r in zones.items()}, set(whole),
+                   set(touched))
 
 
 # What an op changes, without its data: (root, "z"one start end | "w"hole | "o"p only, path).
@@ -206,11 +207,12 @@ def apply_marks(dirt: list[Dirt], marks: Iterable[Mark]) -> None:
         if not 0 <= root < len(dirt):
             continue
         d = dirt[root]
-        d.ops += 1
         if what == "z":
             d.zone(path, start, end)
         elif what == "w":
             d.whole.add(path)
+        else:
+            d.touched.add(path)
 
 
 @dataclass

@@ -70,7 +70,7 @@ from appliance.replication.fusefs import (
     detach_stale_mounts,
 )
 from appliance.replication.journal import Dirt, DirtyJournal, write_state
-from appliance.replication.protocol import Op, OpKind
+from appliance.replication.protocol import Op, OpKind, ProtocolError
 from appliance.replication.resync import full_copy
 
 log = logging.getLogger("mirrorha.replication")
@@ -890,6 +890,9 @@ class ReplicationService:
                 return
             except ReplicaBroken:
                 self.journal.spill()  # on_broken told the engine; the app keeps running ALONE
+            except ProtocolError:
+                self.journal.record(op)  # done here, not sent there: the copies now differ
+                raise
         else:
             self.journal.record(op)
         if op.durable:

@@ -24,6 +24,7 @@ skips what vanished meanwhile (the caller's final frozen pass settles every such
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import stat
@@ -127,15 +128,16 @@ def plan(src: Side, dst: Side, mode: str) -> Plan:
     removed: set[str] = set()
     changed_dirs: set[str] = set()
 
+    ordered = sorted(dst.entries)
+
     def remove(path: str) -> None:
         if path in removed:
             return
         removed.add(path)
         changed_dirs.add(_parent(path))
-        prefix = path + "/"
-        for below in dst.entries:
-            if below.startswith(prefix):
-                removed.add(below)
+        # Everything below path sorts between "path/" and "path0" ("0" follows "/").
+        start = bisect.bisect_left(ordered, path + "/")
+        removed.update(ordered[start:bisect.bisect_left(ordered, path + "0")])
 
     for path, t in dst.entries.items():
         s = src.entries.get(path)
@@ -211,8 +213,11 @@ def _data_job(names: list[str], src: Side, dst: Side, mode: str) -> DataJob | No
                 zones.update(ranges)
     if zones:
         return DataJob(path, "zones", zones)
-    if s.size != t.size or s.mtime_ns != t.mtime_ns:
+    if s.size != t.size:
         return DataJob(path, "compare")  # a change nothing recorded: look rather than trust
+    if s.mtime_ns != t.mtime_ns and not any(n in d.touched for n in names
+                                            for d in (src.dirt, dst.dirt)):
+        return DataJob(path, "compare")  # not explained by a recorded utime/chmod either
     return None
 
 

@@ -123,3 +123,12 @@ def test_equal_inode_numbers_on_other_devices_or_single_links_are_no_hard_links(
     b = dataclasses.replace(f("s2/b", 257), dev=2)
     p = plan(side(d("s1", 1), d("s2", 2), a, b), side(d("s1", 1), d("s2", 2)), "journal")
     assert not p.links and {e.path for e in p.make} == {"s1/a", "s2/b"}
+
+
+def test_a_recorded_utime_explains_an_mtime_difference_without_reading_the_file() -> None:
+    src = side(f("x", 1, mtime=MTIME + 5), f("y", 2, mtime=MTIME + 5),
+               dirt=Dirt(touched={"x"}))
+    dst = side(f("x", 11), f("y", 12))
+    p = plan(src, dst, "journal")
+    assert p.data == [DataJob("y", "compare")]  # y's change was recorded nowhere: look
+    assert {e.path for e in p.attrs} == {"x", "y"}
