@@ -68,6 +68,7 @@ from appliance.replication.protocol import (
     encode,
     frame_length,
 )
+from appliance.replication.workers import in_worker
 
 log = logging.getLogger("mirrorha.replication.channel")
 
@@ -189,11 +190,12 @@ class _FrameReader:
         try:
             with memoryview(self._buf) as view:
                 while end - pos >= 4:
-                    size = 4 + frame_length(bytes(view[pos:pos + 4]))
+                    size = 4 + frame_length(view[pos:pos + 4])
                     if end - pos < size:
                         self._need = size
                         break
-                    self._pending.append(decode(bytes(view[pos + 4:pos + size])))
+                    # decode copies out what it keeps: no copy of the whole frame first
+                    self._pending.append(decode(view[pos + 4:pos + size]))
                     pos += size
         except ProtocolError as e:
             self._error = e  # raised once the frames before it are consumed
@@ -880,8 +882,7 @@ class ReplicaReceiver:
                     batch = await queue.take()
                     if not batch:
                         return
-                    done, error, answers = await trio.to_thread.run_sync(
-                        self._apply_batch, batch)
+                    done, error, answers = await in_worker(self._apply_batch, batch)
                     for seq, payload in answers:
                         session.replies.extend(_reply_frames(seq, payload))
                     if done:

@@ -56,7 +56,6 @@ import functools
 import itertools
 import logging
 import os
-import queue
 import re
 import signal
 import stat
@@ -88,6 +87,7 @@ from appliance.replication.protocol import (
     encode,
     frame_length,
 )
+from appliance.replication.workers import in_worker, keep_large_buffers
 
 log = logging.getLogger(__name__)
 
@@ -925,7 +925,7 @@ class ReplicatedFs(pyfuse3.Operations):
             async def local() -> None:
                 self._thread_syncs += 1
                 try:
-                    await _in_sync_thread(sync, fd)
+                    await in_worker(sync, fd)
                 except OSError as e:
                     errors.insert(0, e)
                 finally:
@@ -961,64 +961,6 @@ class ReplicatedFs(pyfuse3.Operations):
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise FUSEError(_XATTR_REFUSED)
-
-
-class _SyncThread:
-    """A thread that runs one fsync at a time for a trio task, which waits on the thread's
-    eventfd. Lighter than trio.to_thread (measured here: 40 us a hop against 150 us, which
-    names the thread twice per call and wakes trio through its wake-up socket)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[int], None], int] | None] = (
-            queue.SimpleQueue())
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._error: OSError | None = None
-        threading.Thread(target=self._loop, name="mirrorha fsync", daemon=True).start()
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, fd = job
-            try:
-                fn(fd)
-                self._error = None
-            except OSError as e:
-                self._error = e
-            os.eventfd_write(self._efd, 1)
-        os.close(self._efd)
-
-    async def run(self, fn: Callable[[int], None], fd: int) -> None:
-        self._jobs.put((fn, fd))
-        while True:
-            await trio.lowlevel.wait_readable(self._efd)
-            try:
-                os.eventfd_read(self._efd)
-                break
-            except BlockingIOError:
-                continue
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        self._jobs.put(None)  # after the job it may still run: closes its eventfd then
-
-
-_idle_sync_threads: list[_SyncThread] = []  # per process: mounts come and go, threads stay
-_sync_threads_lock = threading.Lock()  # mounts of several threads (tests) share the list
-
-
-async def _in_sync_thread(fn: Callable[[int], None], fd: int) -> None:
-    """fn(fd) (an fsync) in an idle _SyncThread, started if none is idle."""
-    with _sync_threads_lock:
-        worker = _idle_sync_threads.pop() if _idle_sync_threads else None
-    if worker is None:
-        worker = _SyncThread()
-    try:
-        await worker.run(fn, fd)
-    except BaseException:
-        worker.stop()  # cancelled while its fsync may still run: not reused
-        raise
-    with _sync_threads_lock:
-        _idle_sync_threads.append(worker)
 
 
 def _mutation(handler: F, when: Callable[[tuple[Any, ...]], bool] | None = None) -> F:
@@ -1100,10 +1042,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                             ctypes.c_uint]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
 _MNT_DETACH = 2
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
 
 def _renameat2(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
@@ -1654,20 +1593,6 @@ async def _serve_then_cancel(mount: FuseMount, scope: trio.CancelScope, *,
     scope.cancel()  # unmounted from outside: the child has nothing left to do
 
 
-def _keep_large_buffers() -> None:
-    """Every FUSE write (up to 1 MiB) is a new bytes object, and so is each frame made of it.
-    By default glibc serves such blocks with a fresh mmap and gives them back with munmap, so
-    every one of them page-faults in again: measured here, a 1 MiB copy took 1.7 ms that way
-    against 55 us from the heap. Keep them in the heap instead (the process then holds on to
-    up to _TRIM_BYTES of freed memory)."""
-    _libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)
-    _libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_BYTES)
-
-
-_MMAP_BYTES = 32 * 1024 * 1024  # larger than any frame (MAX_FRAME is about 4 MiB)
-_TRIM_BYTES = 64 * 1024 * 1024
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m appliance.replication.fusefs",
@@ -1682,7 +1607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s fusefs[{os.getpid()}] %(levelname)s %(message)s")
-    _keep_large_buffers()
+    keep_large_buffers()
     try:
         trio.run(_serve_child, args)
     except (MirrorhaError, OSError) as e:

@@ -72,6 +72,7 @@ from appliance.replication.fusefs import (
 from appliance.replication.journal import Dirt, DirtyJournal, write_state
 from appliance.replication.protocol import Op, OpKind, ProtocolError
 from appliance.replication.resync import full_copy
+from appliance.replication.workers import keep_large_buffers
 
 log = logging.getLogger("mirrorha.replication")
 
@@ -263,6 +264,7 @@ class ReplicationService:
     # -- thread-side API (daemon engine) ---------------------------------------------------
 
     def start(self) -> None:
+        keep_large_buffers()  # this process serves a mount and (de)codes big frames
         self._thread = threading.Thread(target=lambda: trio.run(self._main), name="replication",
                                         daemon=True)
         self._thread.start()

@@ -189,7 +189,7 @@ def _encode_op(op: Op) -> bytes:
     return b"".join((fixed, path, path2, op.data))
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes | memoryview) -> int:
     """Given the first 4 bytes of a frame, how many more bytes to read (checked)."""
     if len(header) != 4:
         raise ProtocolError("short frame header")
@@ -199,7 +199,7 @@ def frame_length(header: bytes) -> int:
     return length
 
 
-def decode(payload: bytes) -> Frame:
+def decode(payload: bytes | memoryview) -> Frame:
     """Decode the bytes after the 4-byte length (frame type + body)."""
     if not payload:
         raise ProtocolError("empty frame")
