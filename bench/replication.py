@@ -441,6 +441,10 @@ def reintegration(lab: Lab, sizes: Sizes) -> dict[str, Any]:
     fresh_dir(node1, f"{DATA_DIR}/reint")
     written = node1.workload(["dataset", "--bytes", str(sizes.reint_bytes)], f"{DATA_DIR}/reint")
     wait_pair(lab)
+    # Once a SYNC barrier covered the dataset it is on node2's disk; crashed before, node2
+    # might lack its last seconds, which node1 would then rightly resend too.
+    wait_for(lambda: ((mirrorha_state(lab, "node1") or {}).get("replication") or {})
+             .get("unsynced_changes") == 0, 30, "the dataset to be durable on node2")
     lab.crash_node("node2")
     wait_for(lambda: _alone(lab, "node1"), 30, "node1 ALONE after node2's crash")
     changed = node1.workload(["change", "--percent", str(sizes.change_percent)],
