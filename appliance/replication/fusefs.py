@@ -18,7 +18,9 @@ Timestamps. The secondary's own clock would give its copies other mtimes, so the
 them: after a namespace change, SETATTR(MTIME) of the parent dir(s) and of a new dir, node or
 symlink; a setattr that changes the size sends the new mtime with its TRUNCATE; after WRITEs
 (and CREATE, O_TRUNC) the file is marked and one SETATTR(MTIME) is sent at the next flush
-(close), fsync or release rather than one per write. Ctime cannot be set on Linux and atime is
+(close), fsync or release rather than one per write — not at fdatasync (nor after a write on
+an O_DSYNC file), which POSIX lets leave the mtime for later: a database commit is then two
+ops, not three. Ctime cannot be set on Linux and atime is
 not replicated (reads change it). With `writeback_cache` the kernel keeps its own mtimes
 (stat through the mount may differ from the backing file by the time of the page writeback);
 the secondary still matches the backing dir.
@@ -886,7 +888,8 @@ class ReplicatedFs(pyfuse3.Operations):
         handle = self._files[fh]
         op = None
         if not self._read_only:
-            await self._send_mtime_if_dirty(handle.ino, fh)
+            if not datasync:  # fdatasync need not make the mtime durable (POSIX): at close
+                await self._send_mtime_if_dirty(handle.ino, fh)
             path = await self._op_path(handle.ino)
             if path is not None:
                 op = self._op(OpKind.FSYNC, path, flags=FSYNC_DATASYNC if datasync else 0)
