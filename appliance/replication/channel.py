@@ -66,6 +66,7 @@ from appliance.replication.protocol import (
     Reply,
     decode,
     encode,
+    encode_op,
     frame_length,
 )
 from appliance.replication.workers import in_worker
@@ -274,7 +275,7 @@ class ReplicaSender:
         self._acked_seq = first_seq - 1
         self._durable_seq = first_seq - 1
         self._max_durable_seq = first_seq - 1
-        self._in_flight: deque[tuple[Op, float]] = deque()  # (op with seq, time admitted)
+        self._in_flight: deque[tuple[int, Op, float]] = deque()  # (seq, op, time admitted)
         self._in_flight_bytes = 0
         self._last_progress = time.monotonic()
         self.submitted_ops = 0
@@ -409,12 +410,11 @@ class ReplicaSender:
     def _admit(self, op: Op) -> int:
         """Number, encode and queue `op` (no await: the seq order is the queue order)."""
         seq = self._next_seq
-        op = replace(op, seq=seq)
-        frame = encode(op)  # raises before the seq is consumed
+        frame = encode_op(op, seq)  # raises before the seq is consumed
         self._next_seq += 1
         now = time.monotonic()
         idle = not self._outstanding()
-        self._in_flight.append((op, now))
+        self._in_flight.append((seq, op, now))
         self._in_flight_bytes += op.size
         if op.durable:
             self._max_durable_seq = seq
@@ -433,7 +433,7 @@ class ReplicaSender:
 
     def lag(self) -> Lag:
         try:
-            oldest = self._in_flight[0][1]
+            oldest = self._in_flight[0][2]
         except IndexError:
             return Lag(0, 0, 0.0)
         return Lag(self._in_flight_bytes, len(self._in_flight),
@@ -461,7 +461,7 @@ class ReplicaSender:
     def unacked_ops(self) -> list[Op]:
         """Ops no ack covers (in seq order): after a break, the primary must record them in its
         dirty-zone journal. Some may have reached the secondary; re-copying them is harmless."""
-        return [op for op, _ in self._in_flight]
+        return [replace(op, seq=seq) for seq, op, _ in self._in_flight]
 
     # -- tasks
 
@@ -523,8 +523,8 @@ class ReplicaSender:
         progressed = False
         if seq > self._acked_seq:
             self._acked_seq = seq
-            while self._in_flight and self._in_flight[0][0].seq <= seq:
-                op, _ = self._in_flight.popleft()
+            while self._in_flight and self._in_flight[0][0] <= seq:
+                _, op, _ = self._in_flight.popleft()
                 self._in_flight_bytes -= op.size
             progressed = True
         if durable and seq > self._durable_seq:

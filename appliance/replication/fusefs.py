@@ -87,6 +87,7 @@ from appliance.replication.protocol import (
     SetattrField,
     decode,
     encode,
+    encode_op,
     frame_length,
 )
 from appliance.replication.workers import in_worker, keep_large_buffers
@@ -1258,9 +1259,7 @@ async def _frames(stream: trio.abc.ReceiveStream) -> AsyncIterator[Any]:
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = 1024
-_SEQ_AT = 5  # a frame: u32 length of the rest, u8 frame type, then an op's u64 seq
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _ZERO_COPY_BYTES = 32 * 1024  # a write's data from this size on is sent from its own buffer
 
 
@@ -1271,11 +1270,8 @@ def _op_frame(op: Op, seq: int) -> list[Buffer]:
     path2 and the data (tests/unit/test_fusefs_framing.py checks it byte for byte)."""
     data = op.data
     if len(data) < _ZERO_COPY_BYTES:
-        head = bytearray(encode(op))  # no dataclass replace() per op: the seq is patched in
-        _U64.pack_into(head, _SEQ_AT, seq)
-        return [head]
-    head = bytearray(encode(replace(op, data=b"")))
-    _U64.pack_into(head, _SEQ_AT, seq)
+        return [encode_op(op, seq)]
+    head = bytearray(encode_op(replace(op, data=b""), seq))
     _U32.pack_into(head, 0, len(head) - 4 + len(data))
     names = len(os.fsencode(op.path)) + len(os.fsencode(op.path2))
     _U32.pack_into(head, len(head) - names - 4, len(data))

@@ -177,15 +177,22 @@ def encode(frame: Frame) -> bytes:
     return _LEN.pack(len(body) + 1, ftype) + body
 
 
-def _encode_op(op: Op) -> bytes:
+def encode_op(op: Op, seq: int) -> bytes:
+    """encode(replace(op, seq=seq)) without building the numbered copy of the op."""
+    body = _encode_op(op, seq)
+    return _LEN.pack(len(body) + 1, FrameType.OP) + body
+
+
+def _encode_op(op: Op, seq: int | None = None) -> bytes:
     path, path2 = os.fsencode(op.path), os.fsencode(op.path2)  # any Linux name, UTF-8 or not
     if len(path) > MAX_PATH or len(path2) > MAX_PATH:
         raise ProtocolError(f"path too long ({len(path)}/{len(path2)} bytes)")
     if len(op.data) > MAX_DATA:
         raise ProtocolError(f"write of {len(op.data)} bytes exceeds {MAX_DATA}")
     fixed = _OP_FIXED.pack(
-        op.seq, op.kind, op.root, op.flags, op.offset, op.length, op.mode, op.uid, op.gid,
-        op.atime_ns, op.mtime_ns, op.rdev, len(path), len(path2), len(op.data))
+        op.seq if seq is None else seq, op.kind, op.root, op.flags, op.offset, op.length,
+        op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns, op.rdev, len(path), len(path2),
+        len(op.data))
     return b"".join((fixed, path, path2, op.data))
 
 

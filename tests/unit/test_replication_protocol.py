@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -25,6 +26,7 @@ from appliance.replication.protocol import (
     SetattrField,
     decode,
     encode,
+    encode_op,
     frame_length,
 )
 
@@ -265,3 +267,9 @@ def test_hello_json_is_parsed_strictly_as_an_object() -> None:
     text = json.dumps({"node": "n\u00e9"}).encode()
     decoded = decode(bytes([FrameType.HELLO]) + struct.pack(">H", len(text)) + text)
     assert decoded == Hello({"node": "n\u00e9"})
+
+
+@pytest.mark.parametrize("kind", list(OpKind))
+def test_encode_op_numbers_the_frame_like_a_numbered_copy_would(kind: OpKind) -> None:
+    op = Op(kind, 3, "dir/f", path2="g", offset=7, length=9, data=b"abc")
+    assert encode_op(op, 12345) == encode(replace(op, seq=12345))
