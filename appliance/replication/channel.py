@@ -84,6 +84,8 @@ CLOSE_TIMEOUT_S = 1.0
 MAX_PENDING_HANDSHAKES = 16  # unauthenticated connections cannot pile up without bound
 RECEIVE_CHUNK = 256 * 1024
 SEND_BATCH_BYTES = 256 * 1024  # small frames are joined into one send_all up to this
+LINGER_S = 2.0  # after a NACK, how long the secondary reads on before it closes
+LINGER_QUIET_S = 0.2  # ...unless the primary has sent nothing for this long
 QUERY_TIMEOUT_S = 300.0  # a LIST of a huge tree or SUMS of a huge file takes a while
 MAX_ANSWER_BYTES = 1 << 30  # memory a query's answer may take here
 APPLY_BATCH_OPS = 256  # ops handed to the applier thread per round trip
@@ -761,6 +763,8 @@ class ReplicaReceiver:
                 await self._serve_session(stream, reader, session, hello)
             finally:
                 self._current = None
+            if session.nack is not None:
+                await _linger(stream)
 
     async def _greet(self, stream: trio.SSLStream[trio.SocketStream], address: str
                      ) -> tuple[str, dict[str, Any], _FrameReader] | None:
@@ -977,6 +981,21 @@ class ReplicaReceiver:
             self._on_event(event)
         except Exception:
             log.exception("replication on_event callback failed")
+
+
+async def _linger(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """After a refusal: read and drop what the primary still sends until it stops (or a short
+    while passed). Closing with unread data would reset the connection, and the primary could
+    then see "connection reset" before it reads the NACK that says why."""
+    transport = stream.transport_stream
+    with trio.move_on_after(LINGER_S):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            while True:
+                with trio.move_on_after(LINGER_QUIET_S) as quiet:
+                    if not await transport.receive_some(RECEIVE_CHUNK):
+                        return
+                if quiet.cancelled_caught:
+                    return  # nothing more coming: closing now resets nothing
 
 
 def _reply_frames(seq: int, payload: bytes) -> list[bytes]:
