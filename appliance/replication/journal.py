@@ -274,7 +274,10 @@ class DirtyJournal:
         if not self.loaded_clean and data.get("writing"):
             return ("dirty-zone journal loaded after an unclean stop: files changed since "
                     f"{when} will be compared by checksums")
-        return f"dirty-zone journal loaded (files changed since the stop at {when} are compared)"
+        if self.loaded_clean:
+            return (f"dirty-zone journal loaded (files changed since the stop at {when} are "
+                    "compared)")
+        return "dirty-zone journal loaded (this node was not writing when it stopped)"
 
     def _suspect_from(self, since: float) -> None:
         self.suspect_since = since if self.suspect_since is None else min(self.suspect_since,

@@ -790,6 +790,9 @@ class ReplicationService:
         mode = "journal" if (
             base is not None and self.journal.valid and self.journal.base == base
             and summary.get("valid") is True and summary.get("torn") is False) else "checksum"
+        why = ("both journals cover the gap" if mode == "journal" else
+               "no journal covers the gap on both sides: every file both have is compared")
+        self.say(f"reintegration of {self.s.peer} started ({mode} mode: {why})")
         await sender.submit(Op(OpKind.REINT_BEGIN, 0, "", path2=mode))
         first = self.journal.take()
         await self._pass(sender, peer, first.dirt, first.suspect_since, mode, stats)
