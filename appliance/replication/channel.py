@@ -282,8 +282,8 @@ class ReplicaSender:
         self._last_progress = time.monotonic()
         self.submitted_ops = 0
         self.submitted_bytes = 0
-        self._replies: dict[int, list[bytes]] = {}  # query seq -> answer parts so far
-        self._answered: dict[int, trio.Event] = {}
+        # query seq -> (answer parts so far, set once the last part came)
+        self._queries: dict[int, tuple[list[bytes], trio.Event]] = {}
 
     # -- connection
 
@@ -370,7 +370,7 @@ class ReplicaSender:
         if not op.query:
             raise ValueError(f"{op.kind.name} is not a query")
         seq = await self._submit(op)
-        done = self._answered[seq]
+        parts, done = self._queries[seq]
         with trio.move_on_after(timeout_s):
             while not done.is_set():
                 self._raise_if_broken()
@@ -379,8 +379,8 @@ class ReplicaSender:
             self._break(f"{self.peer} did not answer {op.kind.name} #{seq} within "
                         f"{timeout_s:g} s")
             self._raise_if_broken()
-        del self._answered[seq]
-        return b"".join(self._replies.pop(seq))
+        del self._queries[seq]
+        return b"".join(parts)
 
     async def _submit(self, op: Op) -> int:
         self._raise_if_broken()
@@ -421,8 +421,7 @@ class ReplicaSender:
         if op.durable:
             self._max_durable_seq = seq
         if op.query:
-            self._replies[seq] = []
-            self._answered[seq] = trio.Event()
+            self._queries[seq] = ([], trio.Event())
         self.submitted_ops += 1
         self.submitted_bytes += op.size
         self._send_q.send_nowait(frame)
@@ -505,14 +504,14 @@ class ReplicaSender:
                     raise ProtocolError(f"ack of seq {seq}, never sent")
                 self._on_ack(seq, durable)
             case Reply(seq, last, payload):
-                parts = self._replies.get(seq)
-                if parts is None or self._answered[seq].is_set():
+                parts, done = self._queries.get(seq, (None, None))
+                if parts is None or done is None or done.is_set():
                     raise ProtocolError(f"reply to seq {seq}, which is no pending query")
                 parts.append(payload)
                 if sum(map(len, parts)) > MAX_ANSWER_BYTES:
                     raise ProtocolError(f"answer to query {seq} over {MAX_ANSWER_BYTES} bytes")
                 if last:
-                    self._answered[seq].set()
+                    done.set()
                     self._notify()
             case Nack(seq, err, message):
                 self._nack = frame

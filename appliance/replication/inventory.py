@@ -13,6 +13,7 @@ uses it), inode number and link count (hard-link groups), device number, symlink
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+CHUNK = 1024 * 1024  # data per WRITE op when a file's content is sent
 DIGEST_BYTES = 16
 BLOCK = 128 * 1024  # checksum block: 8192 digests (128 KiB) for a 1 GiB file
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -187,3 +189,21 @@ def differing_blocks(mine: bytes, theirs: bytes, size: int, block: int) -> list[
             else:
                 ranges.append((start, end))
     return ranges
+
+
+def extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The file's data extents (SEEK_DATA / SEEK_HOLE): what to send so that holes stay
+    holes. Everything when the filesystem cannot tell."""
+    out = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                break
+            return [(0, size)]  # no SEEK_DATA here: copy everything
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, min(end, size)))
+        offset = end
+    return out

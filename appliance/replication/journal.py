@@ -154,7 +154,8 @@ class Dirt:
         return bool(self.zones or self.whole or self.touched)
 
     def volume(self) -> int:
-        return sum(r.total() for r in self.zones.values() if r.total() < END // 2)
+        """Bytes recorded (a cut "to the end of the file" counts for nothing: no data)."""
+        return sum(t for t in (r.total() for r in self.zones.values()) if t < END // 2)
 
     def to_json(self) -> dict[str, Any]:
         return {"zones": {p: r.to_json() for p, r in self.zones.items()},
@@ -244,7 +245,6 @@ class DirtyJournal:
         self._current_started = time.time()
         self.writing = False  # this node's application writes (primary): see load()
         self.changed = True
-        self.loaded_clean: bool | None = None
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -262,19 +262,19 @@ class DirtyJournal:
             self._quarantine()
             return (f"dirty-zone journal {self.path} unreadable ({e}): set aside; the next "
                     "reintegration compares checksums")
-        self.loaded_clean = bool(data.get("clean"))
+        clean = bool(data.get("clean"))
         complete = float(data.get("complete_before", 0.0)) - self.margin_s
         when = time.strftime("%H:%M:%S", time.localtime(complete))
         # After a clean stop the directories were plain ones: what anybody wrote there since
         # was not recorded. After a crash, only a node whose application was writing can hold
         # changes it did not record (a secondary's copy is a prefix of its primary's stream,
         # which the primary accounts for).
-        if self.loaded_clean or data.get("writing"):
+        if clean or data.get("writing"):
             self._suspect_from(complete)
-        if not self.loaded_clean and data.get("writing"):
+        if not clean and data.get("writing"):
             return ("dirty-zone journal loaded after an unclean stop: files changed since "
                     f"{when} will be compared by checksums")
-        if self.loaded_clean:
+        if clean:
             return (f"dirty-zone journal loaded (files changed since the stop at {when} are "
                     "compared)")
         return "dirty-zone journal loaded (this node was not writing when it stopped)"
@@ -413,15 +413,13 @@ class DirtyJournal:
         self.dirt = [Dirt() for _ in range(self.roots)]
         return snap
 
-    def commit(self, base: list[Any] | None) -> None:
-        """The peer durably holds everything taken: forget it; copies identical at `base`
-        (None: the generation is not known yet, see `rebase`)."""
+    def commit(self) -> None:
+        """The peer durably holds everything taken: forget it (the generation both copies now
+        have comes later, from the daemon: `rebase`)."""
         taken, self.taken = self.taken, []
         suspects = {s.suspect_since for s in taken}
         if self.suspect_since in suspects:
             self.suspect_since = None  # every suspect file was compared
-        if base is not None:
-            self.base = base
         self.valid = True
         self.changed = True
 
@@ -437,7 +435,7 @@ class DirtyJournal:
             self.base = base
             self.changed = True
 
-    def reset_identical(self, base: list[Any] | None) -> None:
+    def reset_identical(self) -> None:
         """This node just received a whole copy (it is the secondary, now in sync)."""
         self.dirt = [Dirt() for _ in range(self.roots)]
         self.taken = []
@@ -445,8 +443,6 @@ class DirtyJournal:
         self.suspect_since = None
         self.torn = False
         self.valid = True
-        if base is not None:
-            self.base = base
         self.changed = True
 
     def set_torn(self) -> None:

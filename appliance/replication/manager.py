@@ -43,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -112,19 +112,46 @@ class ReplicationError(MirrorhaError):
     pass
 
 
-class _Mount:
-    """A replicated dir's FUSE mount served by a child process (see fusefs: one per process)."""
+class _Freezable(Protocol):
+    def set_frozen(self, frozen: bool) -> None: ...
+
+
+class _MountBase:
+    """What both kinds of mount share: which dir, whether it is live, the freeze handshake."""
 
     def __init__(self, index: int, directory: Path) -> None:
         self.index = index
         self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-        self.channel: MountChannel | None = None
         self.mounted = trio.Event()
-        self.frozen: trio.Event | None = None
+        self.frozen: trio.Event | None = None  # set once the mount confirmed its freeze
 
     async def start(self, service: ReplicationService, read_only: bool) -> None:
-        """Mounted, or switched to `read_only` if it already is; `mounted` is set once live."""
+        """Mounted, or switched to `read_only` if it already is; `mounted` set once live."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def _freezable(self) -> _Freezable | None:
+        raise NotImplementedError
+
+    def set_frozen(self, frozen: bool) -> None:
+        target = self._freezable()
+        if target is None:
+            return  # nothing mounted or connected: nothing can change there
+        self.frozen = trio.Event() if frozen else None
+        target.set_frozen(frozen)
+
+
+class _Mount(_MountBase):
+    """A replicated dir's FUSE mount served by a child process (see fusefs: one per process)."""
+
+    def __init__(self, index: int, directory: Path) -> None:
+        super().__init__(index, directory)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: MountChannel | None = None
+
+    async def start(self, service: ReplicationService, read_only: bool) -> None:
         if self.process is None or self.process.poll() is not None:
             self.mounted = trio.Event()
             argv = child_argv(self.index, self.directory, service.s.control_socket,
@@ -133,13 +160,8 @@ class _Mount:
         elif self.channel is not None:
             self.channel.set_read_only(read_only)
 
-    def set_frozen(self, frozen: bool) -> bool:
-        """False if there is nothing to freeze (the child is not connected)."""
-        if self.channel is None:
-            return False
-        self.frozen = trio.Event() if frozen else None
-        self.channel.set_frozen(frozen)
-        return True
+    def _freezable(self) -> _Freezable | None:
+        return self.channel
 
     async def stop(self) -> None:
         proc = self.process
@@ -158,7 +180,7 @@ class _Mount:
         self.channel = None
 
 
-class _LocalMount:
+class _LocalMount(_MountBase):
     """The first replicated dir's FUSE mount served by the replication loop itself: its ops
     reach the sender as calls, without a child's socket hop each way (measured: the hop was
     the largest part of a durable write's latency). Same interface as _Mount.
@@ -167,14 +189,11 @@ class _LocalMount:
     the backing fd opened before mounting (replication, reintegration, the applier)."""
 
     def __init__(self, index: int, directory: Path, backing_fd: int) -> None:
-        self.index = index
-        self.directory = directory
+        super().__init__(index, directory)
         self._backing_fd = backing_fd
         self.fs: ReplicatedFs | None = None
         self._scope: trio.CancelScope | None = None
         self._done: trio.Event | None = None
-        self.mounted = trio.Event()
-        self.frozen: trio.Event | None = None
 
     async def start(self, service: ReplicationService, read_only: bool) -> None:
         if self.fs is not None:
@@ -205,12 +224,8 @@ class _LocalMount:
         if self.frozen is not None:
             self.frozen.set()
 
-    def set_frozen(self, frozen: bool) -> bool:
-        if self.fs is None:
-            return False
-        self.frozen = trio.Event() if frozen else None
-        self.fs.set_frozen(frozen)
-        return True
+    def _freezable(self) -> _Freezable | None:
+        return self.fs
 
     async def stop(self) -> None:
         if self._scope is not None and self._done is not None:
@@ -235,7 +250,7 @@ class ReplicationService:
         self.receiver: ReplicaReceiver | None = None
         self.resyncing = False
         self.counters = {"resyncs": 0, "reintegrations": 0, "resync_bytes": 0, "lost": 0}
-        self._mounts: list[_Mount | _LocalMount] = []
+        self._mounts: list[_MountBase] = []
         self._backing_fds: list[int] = []
         self._applier: Applier | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -626,7 +641,7 @@ class ReplicationService:
             if len(self._done_roots) == len(self.s.dirs):
                 took = time.monotonic() - self._resync_started
                 with self._journal_lock:
-                    self.journal.reset_identical(None)
+                    self.journal.reset_identical()
                 self._write_journal()
                 what = self._incoming.get("what", "copy")
                 mib = self._incoming.get("bytes", 0) / 1048576
@@ -699,8 +714,7 @@ class ReplicationService:
             with trio.CancelScope() as scope:
                 self._sync_scope = scope
                 await job()
-            if scope.cancelled_caught:
-                self.journal.abort()
+            if scope.cancelled_caught:  # (the job put back what it took from the journal)
                 self.say(f"{what} {self.s.peer} abandoned: this node is no longer primary")
                 return
             self._retry_s, self._last_failure = RETRY_FIRST_S, ""
@@ -749,7 +763,7 @@ class ReplicationService:
             await sender.submit(Op(OpKind.SYNC, 0, ""))
             self.sender = sender  # live from the first mutation after the freeze
             self._sender_from_copy = True
-            self.journal.commit(None)  # the SYNC above made the copy durable there
+            self.journal.commit()  # the SYNC above made the copy durable there
             for i in range(len(self._backing_fds)):  # the secondary may now say in sync
                 await sender.submit(Op(OpKind.RESYNC_DONE, i, ""))
         except BaseException:
@@ -808,7 +822,7 @@ class ReplicationService:
             await sender.submit(Op(OpKind.SYNC, 0, ""))  # all of it on the peer's disk
             if self.role != "primary":
                 raise ReplicationError("this node stopped being primary during the copy")
-            self.journal.commit(None)
+            self.journal.commit()
             self.sender = sender  # live from the first mutation after the freeze
             self._sender_from_copy = True
             for i in range(len(self._backing_fds)):  # the secondary may now say in sync

@@ -45,10 +45,9 @@ from appliance.replication.applier import (
     confined_parent,
     open_for_reading,
 )
-from appliance.replication.inventory import Entry
+from appliance.replication.inventory import CHUNK, Entry, extents
 from appliance.replication.journal import Dirt, RangeSet
 from appliance.replication.protocol import Op, OpKind, SetattrField
-from appliance.replication.resync import CHUNK, extents
 
 _ATTRS = SetattrField.MODE | SetattrField.UID | SetattrField.GID | SetattrField.MTIME
 _LINK_ATTRS = SetattrField.UID | SetattrField.GID | SetattrField.MTIME
@@ -289,8 +288,7 @@ class Executor:
         return self._in_parent(path, open_for_reading)
 
     async def run(self, p: Plan) -> Stats:
-        before = Stats()
-        before.add(self.stats)
+        self.stats = Stats()
         for e in p.remove:
             await self.send(self._op(OpKind.RMDIR if e.kind == "d" else OpKind.UNLINK, e.path))
             self.stats.removed += 1
@@ -304,11 +302,7 @@ class Executor:
             await self._attrs(e.path)
         for e in p.dir_attrs:
             await self._attrs("" if e.path == "." else e.path)
-        done = Stats()
-        done.add(self.stats)
-        for name in done.__dataclass_fields__:
-            setattr(done, name, getattr(done, name) - getattr(before, name))
-        return done
+        return self.stats
 
     async def _make(self, e: Entry) -> None:
         st = self._lstat(e.path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.cluster import Generation, Memory
-from appliance.daemon import MemoryStore, next_heartbeat_epoch
+from appliance.daemon import MemoryStore, next_heartbeat_epoch, sync_mode
 from appliance.errors import MirrorhaError
 
 
@@ -34,3 +34,20 @@ def test_corrupt_state_is_refused_rather_than_guessed(tmp_path: Path) -> None:
     path.write_text('{"gen": [1, "node1"]')
     with pytest.raises(MirrorhaError, match="refusing to guess"):
         MemoryStore(path).load()
+
+
+G0, G1, G2 = Generation(), Generation(1, "node1"), Generation(2, "node1")
+
+
+@pytest.mark.parametrize(("me", "peer", "identical", "expected"), [
+    (Memory(G1, G1), Memory(G1, G1), True, ("attach", [1, "node1"])),
+    # The peer lags behind the generation both last had in sync: the journals may say what.
+    (Memory(G2, G1), Memory(G1, G1), False, ("reintegrate", [1, "node1"])),
+    # Never in sync before (first start): checksums decide.
+    (Memory(G1, G0), Memory(G0, G0), False, ("reintegrate", None)),
+    # The peer wrote on its own (split brain resolved for us): its data is set aside.
+    (Memory(G2, G1), Memory(Generation(2, "node2"), G1), False, ("full", None)),
+])
+def test_sync_mode_follows_the_generations(me: Memory, peer: Memory, identical: bool,
+                                           expected: tuple[str, object]) -> None:
+    assert sync_mode(me, peer, identical) == expected

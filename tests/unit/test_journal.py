@@ -92,7 +92,8 @@ def test_snapshot_is_kept_in_the_file_until_committed_and_restored_on_abort(
     j.abort()
     assert set(j.all_dirt()[0].zones) == {"a", "b"}
     j.take()
-    j.commit(["7", "node1"])
+    j.commit()
+    j.rebase(["7", "node1"])
     assert not any(j.all_dirt()) and j.valid and j.base == ["7", "node1"]
 
 
