@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -259,6 +260,35 @@ def attrs(root: ET.Element, path: str) -> dict[str, str]:
     return dict(element.attrib)
 
 
+def test_a_host_port_forwards_into_a_node_until_down(make_lab: Callable[..., Lab]) -> None:
+    """How a browser on the host reaches a node's console: labforward on 127.0.0.1."""
+    lab = make_lab()
+    wait_until(app_answers(lab, "198.51.100.2", "node2\n"), 10, "node2's sample app")
+    port = lab.forward("node2", 80)
+    assert lab.forward("node2", 80) == port  # one forwarder per node and port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+        assert answer.read() == b"node2\n"
+    record = json.loads((lab.labdir / "forward-node2-80.json").read_text())
+    lab.down()
+    wait_until(lambda: not pid_exists(record["pid"]), 5, "the forwarder to exit")
+
+
+def test_boot_of_a_node_container_starts_what_an_appliance_would(tmp_path: Path) -> None:
+    """nodeboot: the daemon only when boot start is on (its unit exists), like systemd."""
+    from appliance.nodeboot import boot_argv
+    os.environ["MIRRORHA_UNIT_DIR"] = str(tmp_path)
+    try:
+        assert boot_argv(["--console"]) == (True, None)
+        assert boot_argv(["--console", "--", "x", "--start"]) == (True, ["x", "--start"])
+        (tmp_path / "mirrorha.service").write_text("[Unit]\n")
+        console, daemon = boot_argv([])
+        assert not console and daemon is not None and daemon[-2:] == ["daemon", "--start"]
+        with pytest.raises(SystemExit, match="unknown option"):
+            boot_argv(["--bogus"])
+    finally:
+        del os.environ["MIRRORHA_UNIT_DIR"]
+
+
 def test_generated_node_files(lab: Lab) -> None:
     paths1, paths2 = lab.node_paths("node1"), lab.node_paths("node2")
     lans = ET.parse(paths1.cluster_xml).getroot().findall("lans/lan")
@@ -400,7 +430,7 @@ def test_down_after_a_partial_up_and_prefix_validation() -> None:
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     where = ["--prefix", PREFIX, "--labdir", str(tmp_path / "cli")]
     try:
-        assert main(["up", "--no-start", "--witness", *where]) == 0
+        assert main(["up", "--no-start", "--no-console", "--witness", *where]) == 0
         out = capsys.readouterr().out
         assert f"ip netns exec {PREFIX}-cl curl http://{Lab.VIP}/" in out
         assert "mirrorha lab crash node1" in out
