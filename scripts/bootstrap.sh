@@ -10,6 +10,7 @@ APT_PACKAGES=(
   keepalived            # the comparison point of bench/failover
   fuse3 libfuse3-dev pkg-config   # FUSE over-mounts (pyfuse3 builds against libfuse3)
   postgresql-15         # the end-to-end RPO test runs a real PostgreSQL on a replicated dir
+  chromium              # the console's browser test (Playwright drives /usr/bin/chromium)
 )
 
 missing=()
