@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from appliance import cluster
+from appliance import cluster, metrics
 from appliance import heartbeat as hb
 from appliance.cluster import Action, Command, CommandEvent, Decision, NodeView, State
 from appliance.config import NodeConfig, ServiceConfig, identify_local_node, load_node_config
@@ -149,6 +149,7 @@ class Daemon:
         self.busy_since = 0.0
         self.counters: dict[str, int] = {"bad_payload": 0}
         self.started_at = time.time()
+        self.failovers = metrics.FailoverRecorder(self.node, self.peer)  # for /metrics
         self._lock = threading.Lock()
         self._build_adapters(self.config)
         self.link = self._make_link()
@@ -389,6 +390,7 @@ class Daemon:
         if isinstance(item, SyncRetry):  # a copy to the peer failed a while ago
             self._drive_replication()
             return
+        detected = time.monotonic()  # a takeover's RTO counts from here (metrics)
         event = self._translate(item)
         if event is None:
             return
@@ -402,7 +404,9 @@ class Daemon:
             self.modlog.warning(f"command {event.command} refused: {decision.refused}",  # type: ignore[union-attr]
                                 state=self.view.state.value)
             return
+        old = self.view
         self._apply(decision)
+        self.failovers.decided(old, self.view, event, detected)
         self._drive_replication()
 
     def _drive_replication(self) -> None:
@@ -456,7 +460,8 @@ class Daemon:
                     return None
                 self._log_peer_change(peer)
                 return cluster.PeerHeard(peer)
-            case hb.PeerSilent(detail=detail):
+            case hb.PeerSilent(detail=detail, silent_ms=silent_ms):
+                self.failovers.peer_silent(silent_ms / 1000)
                 return cluster.PeerLost(detail, self.witness_ok())
             case hb.NetworkLost(network=net, silent_ms=ms, still_up=up, total=total):
                 self.modlog.warning(
@@ -687,9 +692,27 @@ def run_daemon(paths: Paths, start: bool) -> int:
     daemon = Daemon(paths)
     server = ControlServer(paths.control_socket, daemon)
     server.start()
+    exporter = serve_metrics(daemon)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.request_shutdown())
     try:
         return daemon.run(start)
     finally:
         server.stop()
+        if exporter is not None:
+            exporter.stop()
+
+
+def serve_metrics(daemon: Daemon, port: int = metrics.METRICS_PORT
+                  ) -> metrics.MetricsServer | None:
+    """/metrics for Prometheus on all addresses. A port already taken is logged, not fatal:
+    the cluster matters more than its monitoring."""
+    collector = metrics.MirrorhaCollector(
+        daemon.status, daemon.failovers,
+        ops=lambda: daemon.replication.op_stats if daemon.replication else None,
+        maxloop=lambda: daemon.config.service.maxloop, started_at=daemon.started_at)
+    try:
+        return metrics.serve(collector, port)
+    except OSError as e:
+        daemon.modlog.error(f"metrics not served on port {port}: {e}")
+        return None

@@ -49,6 +49,7 @@ import trio
 
 from appliance import cluster
 from appliance.errors import MirrorhaError
+from appliance.metrics import OpStats
 from appliance.replication import inventory, reintegrate, tls
 from appliance.replication.applier import Applier, ApplyError
 from appliance.replication.channel import (
@@ -275,6 +276,13 @@ class ReplicationService:
         self._stopping = False
         self._retry_s, self._last_failure = RETRY_FIRST_S, ""
         self._incoming: dict[str, Any] = {}  # secondary: the copy being received (log line)
+        self._receiving = False  # secondary: a copy is being received (metrics)
+        self.op_stats = OpStats()  # replicated ops by kind, write latency (/metrics)
+        # The copy under way or the last one (/metrics): its start, pass, what it sent.
+        self._copy_started: float | None = None
+        self._copy_pass = 0
+        self._copy_sent = {"bytes": 0, "ops": 0}
+        self._last_copy_s: float | None = None
 
     # -- thread-side API (daemon engine) ---------------------------------------------------
 
@@ -376,6 +384,14 @@ class ReplicationService:
             "rpo_bytes": (lag.bytes if lag else 0) if self.streaming() else (
                 journal_bytes if self.role == "primary" else 0),
             "unsynced_changes": unsynced,
+            "receiving": self._receiving,
+            "reintegration_pass": self._copy_pass,
+            "reintegration_sent_bytes": self._copy_sent["bytes"],
+            "reintegration_sent_ops": self._copy_sent["ops"],
+            "reintegration_received_bytes": self._incoming.get("bytes", 0),
+            "reintegration_elapsed_s": (0.0 if self._copy_started is None
+                                        else time.monotonic() - self._copy_started),
+            "last_reintegration_s": self._last_copy_s,
             **self.counters,
         }
 
@@ -636,6 +652,7 @@ class ReplicationService:
                 self._write_journal(must=True)  # else no change: the copy stays trusted
                 what = "full copy" if op.kind is OpKind.RESET else f"reintegration ({op.path2})"
                 self._incoming = {"what": what, "bytes": 0}
+                self._receiving = True
         elif op.kind is OpKind.RESYNC_DONE:
             self._done_roots.add(op.root)
             if len(self._done_roots) == len(self.s.dirs):
@@ -646,6 +663,7 @@ class ReplicationService:
                 what = self._incoming.get("what", "copy")
                 mib = self._incoming.get("bytes", 0) / 1048576
                 detail = f"{what} from {self.s.peer}: {mib:.1f} MiB of data in {took:.2f} s"
+                self._receiving = False
                 self.say(f"{detail}; this copy is now identical")
                 self.post(cluster.ResyncDone(detail))
 
@@ -658,6 +676,7 @@ class ReplicationService:
             case PeerConnected(node=node):
                 self.say(f"replication stream from {node} connected")
             case PeerDisconnected(node=node, reason=reason):
+                self._receiving = False  # an unfinished copy is redone from its start
                 self.say(f"replication stream from {node} ended: {reason}")
             case OpRefused(seq=seq, message=message):
                 self.say(f"refused replicated op #{seq}: {message}")
@@ -710,6 +729,8 @@ class ReplicationService:
         """Run an attach, resync or reintegration; when it fails, say why and have the daemon
         try again later (its peer may still be SECOND, waiting), less and less often. Leaving
         the primary role cancels it (_set_role)."""
+        started = self._copy_started = time.monotonic()
+        self._copy_sent = {"bytes": 0, "ops": 0}
         try:
             with trio.CancelScope() as scope:
                 self._sync_scope = scope
@@ -718,6 +739,7 @@ class ReplicationService:
                 self.say(f"{what} {self.s.peer} abandoned: this node is no longer primary")
                 return
             self._retry_s, self._last_failure = RETRY_FIRST_S, ""
+            self._last_copy_s = time.monotonic() - started
         except (ReplicaBroken, OSError, MirrorhaError) as e:
             self._failed(what, str(e))
         except Exception as e:  # a bug must not take the mounts down with the loop
@@ -726,6 +748,7 @@ class ReplicationService:
         finally:
             self._sync_scope = None
             self.resyncing = False
+            self._copy_started, self._copy_pass = None, 0
 
     def _failed(self, what: str, why: str) -> None:
         message = f"{what} {self.s.peer} failed: {why}"
@@ -758,7 +781,7 @@ class ReplicationService:
             self.journal.take()  # the copy sends everything recorded so far
             total = 0
             for i, fd in enumerate(self._backing_fds):
-                stats = await full_copy(i, fd, sender.submit)
+                stats = await full_copy(i, fd, self._counted(sender.submit))
                 total += stats.bytes
             await sender.submit(Op(OpKind.SYNC, 0, ""))
             self.sender = sender  # live from the first mutation after the freeze
@@ -809,9 +832,11 @@ class ReplicationService:
         self.say(f"reintegration of {self.s.peer} started ({mode} mode: {why})")
         await sender.submit(Op(OpKind.REINT_BEGIN, 0, "", path2=mode))
         first = self.journal.take()
+        self._copy_pass = 1
         await self._pass(sender, peer, first.dirt, first.suspect_since, mode, stats)
         try:
             await self._freeze(True)
+            self._copy_pass = 2
             # Both sides' suspects and zones were settled by pass 1; what the application
             # changed since is in the journal (nothing: pass 1 saw the final tree, done).
             second = self.journal.take()
@@ -848,8 +873,17 @@ class ReplicationService:
                     suspect_since: float | None, mode: str, stats: reintegrate.Stats) -> None:
         for i, fd in enumerate(self._backing_fds):
             stats.add(await reintegrate.sync_pass(
-                i, fd, peer[i][1], dirt[i], suspect_since, mode, sender.submit,
-                sender.query, self.s.nbrei))
+                i, fd, peer[i][1], dirt[i], suspect_since, mode, self._counted(sender.submit),
+                self._counted(sender.query), self.s.nbrei))
+
+    def _counted(self, send: Callable[[Op], Awaitable[Any]]) -> Callable[[Op], Awaitable[Any]]:
+        """`send` (a copy's submit or query) counting what the copy sends, for /metrics."""
+        async def counted(op: Op) -> Any:
+            self._copy_sent["ops"] += 1
+            if op.kind is OpKind.WRITE:
+                self._copy_sent["bytes"] += len(op.data)
+            return await send(op)
+        return counted
 
     async def _freeze(self, frozen: bool) -> None:
         for m in self._mounts:
@@ -897,6 +931,13 @@ class ReplicationService:
 
     async def submit(self, op: Op) -> None:
         """OpSink of the mount children."""
+        started = time.perf_counter()
+        try:
+            await self._submit(op)
+        finally:
+            self.op_stats.waited(op, time.perf_counter() - started)
+
+    async def _submit(self, op: Op) -> None:
         if self.role != "primary":
             raise OSError(30, "read-only: this node is not the primary")  # EROFS
         # No live stream (alone, or a copy under way): the journal records the op; a durable
@@ -906,6 +947,7 @@ class ReplicationService:
             self.journal.note(op)
             try:
                 await sender.submit(op)
+                self.op_stats.replicated(op)
                 return
             except ReplicaBroken:
                 self.journal.spill()  # on_broken told the engine; the app keeps running ALONE
