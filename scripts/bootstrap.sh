@@ -10,6 +10,7 @@ APT_PACKAGES=(
   keepalived            # the comparison point of bench/failover
   fuse3 libfuse3-dev pkg-config   # FUSE over-mounts (pyfuse3 builds against libfuse3)
   postgresql-15         # the end-to-end RPO test runs a real PostgreSQL on a replicated dir
+  prometheus prometheus-alertmanager   # promtool for the alert rules; the monitoring e2e test
   chromium              # the console's browser test (Playwright drives /usr/bin/chromium)
 )
 
@@ -26,6 +27,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   systemctl disable --now keepalived >/dev/null 2>&1 || true
   # Same for PostgreSQL's default cluster: tests start their own servers.
   systemctl disable --now postgresql >/dev/null 2>&1 || true
+  # And Prometheus/Alertmanager: the monitoring test runs its own, inside the lab.
+  systemctl disable --now prometheus prometheus-alertmanager prometheus-node-exporter \
+    >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}
