@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance import control
 from appliance.cluster import Command
@@ -174,51 +175,78 @@ WantedBy=multi-user.target
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    paths = _paths(args)
+    print(set_boot(_paths(args), args.mode == "on"))
+    return 0
+
+
+def boot_enabled() -> bool:
+    return unit_path().exists()
+
+
+def set_boot(paths: Paths, on: bool) -> str:
+    """`mirrorha boot on|off` (also the console's boot toggle); returns what was done."""
     exe = shutil.which("mirrorha") or sys.argv[0]
     has_systemd = Path("/run/systemd/system").is_dir()
     unit = unit_path()
-    if args.mode == "on":
+    if on:
         unit.parent.mkdir(parents=True, exist_ok=True)
         unit.write_text(unit_text(str(Path(exe).resolve()), paths.home))
         if has_systemd:
             subprocess.run(["systemctl", "daemon-reload"], check=True)
             subprocess.run(["systemctl", "enable", "mirrorha.service"], check=True)
-            print("boot start on: mirrorha.service enabled")
-        else:
-            print(f"boot start on: {unit} written; systemd is not running here, so it "
-                  "will be enabled when the unit is loaded (`systemctl enable mirrorha`)")
-    else:
-        if has_systemd and unit.exists():
-            subprocess.run(["systemctl", "disable", "mirrorha.service"], check=False)
-        unit.unlink(missing_ok=True)
-        print("boot start off")
-    return 0
+            return "boot start on: mirrorha.service enabled"
+        return (f"boot start on: {unit} written; systemd is not running here, so it will be "
+                "enabled when the unit is loaded (`systemctl enable mirrorha`)")
+    if has_systemd and unit.exists():
+        subprocess.run(["systemctl", "disable", "mirrorha.service"], check=False)
+    unit.unlink(missing_ok=True)
+    return "boot start off"
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     paths = _paths(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.output or f"mirrorha-snapshot-{platform.node()}-{stamp}.zip")
+    with open(out, "wb") as f:
+        write_snapshot(paths, f)
+    print(f"snapshot written to {out} (the cluster key is never included)")
+    return 0
+
+
+def write_snapshot(paths: Paths, out: BinaryIO) -> None:
+    """The snapshot zip (`mirrorha snapshot`, the console's snapshot button): configuration,
+    scripts, logs, state and versions; never the cluster key or a private key."""
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for path in _snapshot_files(paths):
-            z.write(path, str(path.relative_to(paths.home)))
+            data = _read_no_follow(path)
+            if data is not None:
+                z.writestr(str(path.relative_to(paths.home)), data)
         try:
             state = control.get_state(paths.control_socket)
         except MirrorhaError as e:
             state = {"error": str(e)}
         z.writestr("state.json", json.dumps(state, indent=2))
         z.writestr("versions.txt", _versions())
-    print(f"snapshot written to {out} (the cluster key is never included)")
-    return 0
 
 
 def _snapshot_files(paths: Paths) -> list[Path]:
+    """Regular files only, and only inside the module (or home for cluster.xml): a symlink
+    planted in the log directory must not smuggle /etc/shadow into a zip anyone may ask for."""
     files = [paths.cluster_xml, paths.userconfig, paths.state_file]
     for folder in (paths.bin_dir, paths.log_dir):
-        if folder.is_dir():
-            files.extend(p for p in sorted(folder.iterdir()) if p.is_file())
-    return [p for p in files if p.is_file()]
+        if folder.is_dir() and not folder.is_symlink():
+            files.extend(p for p in sorted(folder.iterdir()))
+    return [p for p in files if p.is_file() and not p.is_symlink()]
+
+
+def _read_no_follow(path: Path) -> bytes | None:
+    """The file's content, or None if it became a symlink (or vanished) since it was listed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _versions() -> str:
@@ -230,6 +258,29 @@ def _versions() -> str:
         except metadata.PackageNotFoundError:
             lines.append(f"{dist} missing")
     return "\n".join(lines) + "\n"
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    if args.console_cmd == "passwd":
+        return cmd_console_passwd(args)
+    from appliance.console.server import run
+    return run(args.bind)
+
+
+def cmd_console_passwd(args: argparse.Namespace) -> int:
+    import getpass
+
+    from appliance.console.auth import ConsoleFiles, set_password
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("new admin password: ")
+        if getpass.getpass("again: ") != password:
+            raise MirrorhaError("the two passwords differ; nothing changed")
+    files = ConsoleFiles(Paths.from_env().home)
+    set_password(files, password)
+    print(f"admin password set ({files.admin})")
+    return 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -305,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     sn = sub.add_parser("snapshot", help="zip of config, scripts, logs, state and versions")
     sn.add_argument("-o", "--output")
     sn.set_defaults(func=cmd_snapshot)
+
+    con = sub.add_parser("console", help="the web console and REST API (HTTPS, :9010)")
+    con.add_argument("--bind", default="0.0.0.0:9010", help="ADDR:PORT (default 0.0.0.0:9010)")
+    con.set_defaults(func=cmd_console, console_cmd=None)
+    con_sub = con.add_subparsers(dest="console_cmd")
+    pw = con_sub.add_parser("passwd", help="set the console's admin password")
+    pw.add_argument("--password-stdin", action="store_true",
+                    help="read the password from the first line of standard input")
 
     lab = sub.add_parser("lab", help="two-node lab in network namespaces", add_help=False)
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)

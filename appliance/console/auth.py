@@ -1,0 +1,219 @@
+"""The console's credentials: the admin password (hashed), the session key, CSRF tokens, the
+login rate limit, and the certificate the console serves.
+
+Files, in $MIRRORHA_HOME/console/ (all written atomically, secrets 0600):
+
+    admin.json   {"user": "admin", "hash": "<werkzeug hash>"}   (`mirrorha console passwd`)
+    secret.key   the key signing session cookies (created on first use)
+    tls.pem/key  what the console serves: self-signed until the cluster exists, then the
+                 node's cluster certificate (issued by the cluster CA in $MIRRORHA_HOME/pki)
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import json
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from flask import request, session
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from appliance.console.node import ConsoleError
+from appliance.errors import MirrorhaError
+from appliance.paths import Paths
+
+ADMIN_USER = "admin"
+MIN_PASSWORD = 8
+LOGIN_FAILURES = 5  # per client address...
+LOGIN_WINDOW_S = 60.0  # ...within this window, then 429 until the oldest failure ages out
+
+
+class ConsoleFiles:
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "console"
+        self.admin = self.dir / "admin.json"
+        self.secret = self.dir / "secret.key"
+        self.tls_cert = self.dir / "tls.pem"
+        self.tls_key = self.dir / "tls.key"
+        self.pki = Paths(home).pki_dir
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomic, with `mode` from creation on (a secret never exists with wider permissions)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+# -- admin password -----------------------------------------------------------------------------
+
+
+def set_password(files: ConsoleFiles, password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise MirrorhaError(f"the admin password must have at least {MIN_PASSWORD} characters")
+    record = {"user": ADMIN_USER, "hash": generate_password_hash(password)}
+    write_private(files.admin, json.dumps(record).encode() + b"\n")
+
+
+def has_password(files: ConsoleFiles) -> bool:
+    return files.admin.is_file()
+
+
+def check_password(files: ConsoleFiles, username: str, password: str) -> bool:
+    try:
+        record = json.loads(files.admin.read_text())
+    except (OSError, ValueError):
+        return False
+    # Always hash, whatever the user name: the answer's timing tells nothing about it.
+    ok = check_password_hash(str(record.get("hash", "")), password)
+    return ok and hmac.compare_digest(username.encode(), str(record.get("user")).encode())
+
+
+def secret_key(files: ConsoleFiles) -> bytes:
+    try:
+        key = files.secret.read_bytes()
+        if len(key) >= 32:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_bytes(32)
+    write_private(files.secret, key)
+    return key
+
+
+# -- sessions and CSRF ------------------------------------------------------------------------
+
+
+def start_session(user: str) -> str:
+    """A fresh session (nothing carried over from before the login) with a new CSRF token."""
+    session.clear()
+    session["user"] = user
+    session["csrf_token"] = secrets.token_urlsafe(32)
+    session.permanent = True
+    return str(session["csrf_token"])
+
+
+def csrf_token() -> str:
+    """The session's token, created for an anonymous visitor too (the login form carries it)."""
+    if "csrf_token" not in session:
+        session["csrf_token"] = secrets.token_urlsafe(32)
+    return str(session["csrf_token"])
+
+
+def csrf_ok() -> bool:
+    expected = session.get("csrf_token")
+    given = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token") or ""
+    return bool(expected) and hmac.compare_digest(str(expected).encode(), given.encode())
+
+
+def api_login_required(view: Callable[..., Any]) -> Callable[..., Any]:
+    """401 without a session; 403 on a state-changing request without the session's token."""
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not session.get("user"):
+            raise ConsoleError(401, "unauthorized", "log in first (POST /api/v1/login)")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not csrf_ok():
+            raise ConsoleError(403, "csrf", "missing or wrong X-CSRF-Token header")
+        return view(*args, **kwargs)
+    return wrapper
+
+
+# -- login rate limit ---------------------------------------------------------------------------
+
+
+class LoginLimiter:
+    """At most LOGIN_FAILURES failed logins per client address within LOGIN_WINDOW_S. In the
+    worker's memory: gunicorn runs one worker (with threads) so every request sees it."""
+
+    def __init__(self, failures: int = LOGIN_FAILURES, window_s: float = LOGIN_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = failures
+        self.window_s = window_s
+        self.clock = clock
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds until this client may try again, None if it may now."""
+        with self._lock:
+            times = self._recent(client)
+            if len(times) < self.failures:
+                return None
+            return max(0.0, times[0] + self.window_s - self.clock())
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            self._recent(client).append(self.clock())
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._seen.pop(client, None)
+
+    def _recent(self, client: str) -> deque[float]:
+        times = self._seen.setdefault(client, deque())
+        while times and times[0] <= self.clock() - self.window_s:
+            times.popleft()
+        if len(self._seen) > 10_000:  # a scan from many addresses must not grow this forever
+            for key in [k for k, v in self._seen.items() if not v and k != client]:
+                del self._seen[key]
+        return times
+
+
+# -- the console's TLS certificate ---------------------------------------------------------
+
+
+def ensure_bootstrap_cert(files: ConsoleFiles, node: str) -> None:
+    """A self-signed certificate for the console until the cluster's replaces it."""
+    if files.tls_cert.is_file() and files.tls_key.is_file():
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{node} (mirrorha console, "
+                                                               "self-signed)")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    write_private(files.tls_key, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    write_private(files.tls_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def install_cluster_cert(files: ConsoleFiles, node: str) -> None:
+    """Serve the node's cluster certificate from now on (the server reloads it on change)."""
+    cert, key = files.pki / f"{node}.pem", files.pki / f"{node}.key"
+    if not (cert.is_file() and key.is_file()):
+        raise MirrorhaError(f"no cluster certificate for {node} in {files.pki}")
+    files.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Key first: the server reloads when the certificate changes, and must find the pair.
+    write_private(files.tls_key, key.read_bytes())
+    tmp = files.tls_cert.with_name(".tls.pem.tmp")
+    shutil.copyfile(cert, tmp)
+    os.replace(tmp, files.tls_cert)
