@@ -275,13 +275,11 @@ def _same_cluster(cluster: ClusterConfig, names: list[str], entries: list[dict[s
 
 
 def is_local_address(addr: str) -> bool:
-    """An address of this machine: one it can bind to (also the whole of 127/8)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((addr, 0))
-        except OSError:
-            return False
-    return True
+    """An address configured on one of this machine's interfaces. (Not a bind() test: with
+    net.ipv4.ip_nonlocal_bind any address would pass.)"""
+    import psutil
+    return any(a.family == socket.AF_INET and a.address == addr
+               for entries in psutil.net_if_addrs().values() for a in entries)
 
 
 def cluster_xml_text(names: list[str], addrs: list[str]) -> str:
@@ -374,14 +372,14 @@ def _check_everywhere(module: str, data: dict[str, Any]) -> tuple[dict[str, Any]
                            "blocker": result.get("blocker")}
         fields += [{**e, "node": ops.name} for e in errors]
     body: dict[str, Any] = {"nodes": nodes}
-    if unreachable:
-        body.update(ConsoleError(502, "peer_unreachable", "; ".join(unreachable)).body())
-        return body, 502
-    if fields:
-        failing = ", ".join(n for n, r in nodes.items() if not r["ok"])
+    if fields:  # first: what the operator can fix now, even with the peer away
+        failing = ", ".join(n for n, r in nodes.items() if r["reachable"] and not r["ok"])
         body.update(ConsoleError(400, "invalid_config", f"invalid configuration on {failing}",
                                  fields).body())
         return body, 400
+    if unreachable:
+        body.update(ConsoleError(502, "peer_unreachable", "; ".join(unreachable)).body())
+        return body, 502
     return body, 200
 
 
@@ -529,7 +527,9 @@ def peer_join() -> ResponseReturnValue:
         me = new.node(c.local.name)
     except ConfigError as e:
         raise ConsoleError(400, "invalid_nodes", f"{c.local.name}: {e}") from None
-    if not is_local_address(str(me.addr(new.lans[0]))):
+    mine = me.addr(new.lans[0])
+    # Loopback too: all of 127/8 is this machine's (a cluster of two consoles on one host).
+    if not (is_local_address(str(mine)) or mine.is_loopback):
         raise ConsoleError(400, "invalid_nodes", f"{me.addr(new.lans[0])} is not an address "
                            f"of {c.local.name}")
     existing = c.cluster()

@@ -472,9 +472,10 @@ class LocalNode:
             with open(out, "ab") as log:
                 log.write(f"--- {time.strftime('%F %T')} started by the console\n".encode())
                 log.flush()
+                env = {**os.environ, "MIRRORHA_HOME": str(self.home), "MIRRORHA_NODE": self.name}
                 subprocess.run(["setsid", "-f", *mirrorha_argv(), "-m", module, "daemon"],
                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                               check=True, timeout=30)
+                               env=env, check=True, timeout=30)
 
         def answers() -> bool:
             return self.daemon_state(module) is not None

@@ -127,7 +127,9 @@ def run(bind: str = DEFAULT_BIND, home: Path | None = None,
     if not auth.has_password(files):
         print("mirrorha console: no admin password yet; set it with `mirrorha console passwd` "
               "(until then only /health answers)", flush=True)
-    app = create_app(home)
+    # Both nodes serve their console on the same port (one installation, two servers): the
+    # peer is reached on the port this one listens on.
+    app = create_app(home, peer_port=int(bind.rpartition(":")[2]))
     os.environ.setdefault("SERVER_SOFTWARE", "mirrorha-console")
     ConsoleServer(app, bind, files, extra).run()
     return 0
