@@ -8,8 +8,6 @@ text (JavaScript textContent / textarea values; Jinja autoescaping for anything 
 
 from __future__ import annotations
 
-import os
-import platform
 from functools import wraps
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +15,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, abort, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
 
+from appliance.console import auth
+from appliance.console.node import node_name
 from appliance.paths import DEFAULT_MODULE
 
 bp = Blueprint("ui", __name__, template_folder="templates", static_folder="static",
@@ -27,11 +27,6 @@ LOG_KINDS = ("module", "application")
 ADVANCED_FILES = ("bin/start_prim", "bin/stop_prim", "conf/userconfig.xml")
 # Node names come from cluster.xml, which validates them; this only keeps URLs tidy.
 _NODE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-
-
-def node_name() -> str:
-    """This node's name as the console shows it (the lab sets MIRRORHA_NODE)."""
-    return os.environ.get("MIRRORHA_NODE") or platform.node()
 
 
 def logged_in() -> bool:
@@ -62,7 +57,7 @@ def page(template: str, name: str, **context: Any) -> str:
     """Every page gets this node's name, the module and the page key console.js dispatches on."""
     return render_template(template, page=name, node=node_name(),
                            module=request.args.get("module", DEFAULT_MODULE),
-                           csrf_token=session.get("csrf_token", ""), **context)
+                           csrf_token=auth.csrf_token(), **context)
 
 
 @bp.get("/login")
@@ -70,6 +65,14 @@ def login() -> ResponseReturnValue:
     if logged_in():
         return redirect(safe_next(request.args.get("next")))
     return page("login.html", "login", next=safe_next(request.args.get("next")))
+
+
+@bp.post("/login")
+def login_without_script() -> ResponseReturnValue:
+    """The page logs in through the JSON API; a form posted before its script ran (or with
+    scripts off) lands back on the page, which says what it needs."""
+    return page("login.html", "login", next=safe_next(request.args.get("next")),
+                needs_script=True), 400
 
 
 @bp.get("/")

@@ -84,6 +84,10 @@ function renderResults(box, data, status) {
     const line = el("p", {"class": `result ${ok ? "ok" : "bad"}`, "data-testid": `result-${name}`},
                     `${ok ? "✔" : "✘"} ${text}`);
     box.append(line);
+    if (r.blocker) {
+      box.append(el("p", {"class": "result bad", "data-testid": `blocker-${name}`},
+                    `${name}: ${r.blocker}`));
+    }
     if (errs.length > 1) {
       const ul = el("ul", {"class": "errors"});
       for (const t of errs.slice(1)) ul.append(el("li", {}, t));
