@@ -489,7 +489,7 @@ def verified_peer() -> str | None:
 
 @peer_api.before_request
 def require_cluster_cert() -> None:
-    if request.endpoint == "peer.join":
+    if request.endpoint == "peer.peer_join":
         return
     name = verified_peer()
     cluster = console().cluster()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from flask.typing import ResponseReturnValue
 from markupsafe import escape
 from werkzeug.exceptions import HTTPException
@@ -49,6 +50,9 @@ def create_app(paths_home: Path | None = None, *, node: str | None = None,
         MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES,
         JSON_SORT_KEYS=False,
     )
+    app.json = _HtmlSafeJson(app)
+    # "//" must not be merged into a redirect: a path parameter is never empty.
+    app.url_map.merge_slashes = False
     app.register_blueprint(api)
     app.register_blueprint(peer_api)
     app.register_blueprint(health)
@@ -61,6 +65,15 @@ def create_app(paths_home: Path | None = None, *, node: str | None = None,
     app.register_error_handler(MirrorhaError, _mirrorha_error)
     app.register_error_handler(Exception, _unexpected)
     return app
+
+
+class _HtmlSafeJson(DefaultJSONProvider):
+    """JSON whose <, > and & are escaped (\u003c...): a log line or a script shown as text
+    stays inert even if a response is ever sniffed or embedded as HTML."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        text = super().dumps(obj, **kwargs)
+        return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _is_api() -> bool:

@@ -246,8 +246,12 @@ class LocalNode:
         self.name = name or node_name()
 
     def paths(self, module: str) -> Paths:
+        """A known module's paths: the template's name, or a module deployed here."""
         check_module(module)
-        return Paths(self.home, module)
+        paths = Paths(self.home, module)
+        if module != TEMPLATE and not paths.module_dir.is_dir():
+            raise ConsoleError(404, "not_found", f"no module {module!r} on {self.name}")
+        return paths
 
     # -- identity ------------------------------------------------------------------------
 
