@@ -41,6 +41,7 @@ LAN = "default"  # the one network the console's cluster.xml has
 class NodeOps(Protocol):
     name: str
 
+    def hello(self) -> dict[str, Any]: ...
     def state(self, module: str) -> dict[str, Any]: ...
     def check(self, module: str, files: dict[str, str]) -> dict[str, Any]: ...
     def deploy(self, module: str, files: dict[str, str]) -> str: ...
@@ -168,7 +169,7 @@ def get_nodes() -> ResponseReturnValue:
                                  "error": None}
         if name != c.local.name:
             try:
-                c.ops(name).hello()  # type: ignore[attr-defined]
+                c.ops(name).hello()
             except ConsoleError as e:
                 entry.update(reachable=False, error=e.message)
         nodes.append(entry)
