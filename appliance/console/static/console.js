@@ -52,7 +52,8 @@ function fieldText(f) {
   const where = [f.file, f.line].filter((x) => x !== undefined && x !== null && x !== "");
   const loc = where.join(":");
   const field = f.field ? `${f.field}: ` : "";
-  return `${loc ? loc + ": " : ""}${field}${f.message || ""}`;
+  const node = f.node ? `[${f.node}] ` : "";
+  return `${node}${loc ? loc + ": " : ""}${field}${f.message || ""}`;
 }
 
 function el(tag, attrs = {}, text) {
@@ -145,7 +146,9 @@ function syncText(st) {
     const p = st.resync_progress;
     return p === null || p === undefined ? "resynchronising" : `resynchronising ${p} %`;
   }
-  if (st.state === "SECOND" || st.state === "PRIM") return st.in_sync ? "in sync" : "not in sync";
+  // PRIM means a synchronised SECOND: the primary's own in_sync flag says nothing here.
+  if (st.state === "PRIM") return `replicating to ${st.peer_state === "SECOND" ? "the SECOND" : "the peer"}`;
+  if (st.state === "SECOND") return st.in_sync ? "in sync" : "not in sync";
   if (st.state === "ALONE") return "not replicated (peer absent)";
   return "–";
 }
@@ -254,7 +257,8 @@ class Dashboard {
       badge.textContent = stateLabel(st);
       badge.className = `badge state ${colourClass(st)}`;
       c.className = `node ${colourClass(st)}`;
-      c.querySelector(".readiness").textContent = st.reachable ? (st.readiness || "–") : "–";
+      c.querySelector(".readiness").textContent =
+        st.reachable && st.readiness ? st.readiness.replace("_", " ") : "–";
       c.querySelector(".peer-state").textContent = st.peer_state || "–";
       const prog = c.querySelector("progress");
       const resyncing = st.state === "SECOND" && !st.in_sync;
