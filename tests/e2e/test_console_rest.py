@@ -58,6 +58,7 @@ def _pair_ready(api: ApiClient) -> bool:
 
 def test_configure_and_drive_a_fresh_pair_through_one_console(fresh_pair: Cluster) -> None:
     lab = fresh_pair.lab
+    node2 = _console(lab, "node2")  # both consoles up (node1 will reach node2's)
     api = _console(lab, "node1")
 
     status, body = api.put("/api/v1/nodes", {"nodes": [
@@ -118,6 +119,5 @@ def test_configure_and_drive_a_fresh_pair_through_one_console(fresh_pair: Cluste
     status, body = api.put(f"{M}/nodes/node2/boot", {"on": False})
     assert status == 200 and body["on"] is False and not unit.exists()
 
-    node2 = ApiClient(lab.console_url("node2"))
     assert node2.get("/primary")[0] == 200
     assert node2.get("/secondary")[0] == 503

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 
 from appliance import control
 from appliance.console.app import create_app
@@ -25,6 +24,7 @@ from appliance.paths import Paths
 from appliance.waiting import wait_until
 from tests.support.console import (
     PASSWORD,
+    Api,
     cluster_home,
     console_home,
     free_port,
@@ -32,31 +32,6 @@ from tests.support.console import (
     stop_daemon,
     userconfig,
 )
-
-HTTPS = {"base_url": "https://localhost"}
-
-
-class Api:
-    """The test client as an API user: JSON in and out, the CSRF header once logged in."""
-
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-        self.client: FlaskClient = app.test_client()
-        self.csrf = ""
-
-    def call(self, method: str, path: str, body: Any = None, csrf: str | None = None,
-             **kw: Any) -> Any:
-        headers = {}
-        token = self.csrf if csrf is None else csrf
-        if token:
-            headers["X-CSRF-Token"] = token
-        return self.client.open(path, method=method, json=body, headers=headers, **HTTPS, **kw)
-
-    def login(self, password: str = PASSWORD) -> Any:
-        resp = self.call("POST", "/api/v1/login", {"username": "admin", "password": password})
-        if resp.status_code == 200:
-            self.csrf = resp.json["csrf_token"]
-        return resp
 
 
 @pytest.fixture

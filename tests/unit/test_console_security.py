@@ -19,13 +19,13 @@ from appliance.console.app import create_app
 from appliance.paths import Paths
 from tests.support.console import (
     PASSWORD,
+    Api,
     ApiClient,
     cluster_home,
     console_home,
     free_port,
     running_console,
 )
-from tests.unit.test_console_api import Api
 
 SCRIPT_LINE = '2026-01-01 00:00:00.000 node1 I <script>alert("x")</script> & <b>bold</b>'
 
@@ -52,6 +52,8 @@ def test_every_mutating_route_answers_401_without_a_session(tmp_path: Path) -> N
         resp = api.call(method, path, {})
         if rule == "/api/v1/login":
             assert resp.status_code == 401  # wrong credentials, and nothing else happens
+        elif rule == "/login":
+            assert resp.status_code == 400  # the page's form without its script: no login
         elif rule == "/peer/v1/join":
             assert resp.status_code == 401  # the node's admin password is the credential
         elif rule.startswith("/peer/v1/"):
