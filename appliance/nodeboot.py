@@ -10,14 +10,16 @@ systemd does the same with mirrorha-console.service and mirrorha.service).
   yet, or whose boot start is off, boots with the console alone: the console starts the
   daemon when the operator configures or starts the module.
 
-The first of them is the "main" process: when it exits, nodeboot exits with its status, so the
-container ends (labinit exits and the kernel kills the rest, like a server going down).
+The console, or else the daemon, is the "main" process: when it exits, nodeboot exits with its
+status, so the container ends (labinit exits and the kernel kills the rest, like a server going
+down).
 SIGTERM / SIGINT are passed on to every child.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -50,11 +52,15 @@ def boot_argv(args: Sequence[str]) -> tuple[bool, list[str] | None]:
 def main(args: Sequence[str] | None = None) -> int:
     console, daemon = boot_argv(sys.argv[1:] if args is None else args)
     children: list[subprocess.Popen[bytes]] = []
+    running: set[int] = set()
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
         for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
+            if child.pid in running:  # never signal a pid already reaped (it may be reused)
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
@@ -65,9 +71,21 @@ def main(args: Sequence[str] | None = None) -> int:
     if not children:
         raise SystemExit("nodeboot: nothing to start (no --console, no daemon argv, boot start "
                          "off)")
-    main_child = children[0]
-    return main_child.wait()
-
+    running.update(c.pid for c in children)
+    # The console is the main process when there is one: it restarts the daemon itself
+    # (SIGTERM, then a new one) when a configuration change needs it, which must not end the
+    # node. Every child that exits is reaped here (we are its parent). On SIGTERM we return
+    # only once every child has exited: the daemon's orderly stop (stop_prim, VIP) must not be
+    # cut short by the container ending under it.
+    main_pid, code = children[-1].pid, 0
+    while running:
+        pid, status = os.wait()
+        running.discard(pid)
+        if pid == main_pid:
+            code = os.waitstatus_to_exitcode(status)
+            if not stopping:
+                return code
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

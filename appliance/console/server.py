@@ -123,7 +123,13 @@ def run(bind: str = DEFAULT_BIND, home: Path | None = None,
     from appliance.console.app import create_app
     home = home or home_from_env()
     files = auth.ConsoleFiles(home)
-    auth.ensure_bootstrap_cert(files, node_name())
+    node = node_name()
+    if (files.pki / f"{node}.pem").is_file():
+        # The cluster was made (or imported with `mirrorha cluster import`) before this start:
+        # serve its certificate, or the peer console would refuse us as a stranger.
+        auth.install_cluster_cert(files, node)
+    else:
+        auth.ensure_bootstrap_cert(files, node)
     if not auth.has_password(files):
         print("mirrorha console: no admin password yet; set it with `mirrorha console passwd` "
               "(until then only /health answers)", flush=True)

@@ -121,3 +121,44 @@ def test_configure_and_drive_a_fresh_pair_through_one_console(fresh_pair: Cluste
 
     assert node2.get("/primary")[0] == 200
     assert node2.get("/secondary")[0] == 503
+
+
+@pytest.fixture
+def demo_pair(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (network namespaces, VIPs)")
+    yield from make_lab(f"{PREFIX}d", LabSettings(), request.node.name, console=True)
+
+
+def test_the_demo_pair_shows_its_cluster_in_either_console(demo_pair: Cluster) -> None:
+    """`make demo`: a configured lab with both consoles; each shows both nodes' states, and a
+    configuration change restarts a daemon without taking its node down."""
+    lab = demo_pair.lab
+    demo_pair.wait_state("node1", "PRIM", timeout=30)
+    demo_pair.wait_state("node2", "SECOND", timeout=30)
+    for node in lab.NODES:
+        api = _console(lab, node)
+        wait_until(lambda api=api: {n: s["state"] for n, s in _states(api).items()} ==
+                   {"node1": "PRIM", "node2": "SECOND"}, 20, f"both states in {node}'s console")
+    pid1 = lab.node_pid1("node2")
+    _console(lab, "node1").post(f"{M}/nodes/node2/commands/stop")
+    demo_pair.wait_state("node2", "STOP", timeout=30)
+    status, body = api.get(f"{M}/config")
+    assert status == 200, body
+    edited = body["files"]["conf/userconfig.xml"].replace('timeout="600"', 'timeout="700"')
+    assert edited != body["files"]["conf/userconfig.xml"]
+    # node1 is running: a userconfig change needs the module stopped on both nodes
+    status, body = api.put(f"{M}/config", {"files": {"conf/userconfig.xml": edited}})
+    assert status == 409 and body["error"]["code"] == "module_running", body
+    api.post(f"{M}/nodes/node1/commands/stop")
+    demo_pair.wait_state("node1", "STOP", timeout=30)
+    pids = {n: lab.node_pid1(n) for n in lab.NODES}
+    daemons = {n: demo_pair.state(n)["pid"] for n in lab.NODES}  # type: ignore[index]
+    status, body = api.put(f"{M}/config", {"files": {"conf/userconfig.xml": edited}})
+    assert status == 200 and all(n["ok"] for n in body["nodes"].values()), body
+    for node in lab.NODES:  # the daemons were restarted with the new file, the nodes stayed up
+        demo_pair.wait_state(node, "STOP", timeout=30)
+        assert 'timeout="700"' in lab.node_paths(node).userconfig.read_text()
+        assert demo_pair.state(node)["pid"] != daemons[node]  # type: ignore[index]
+    assert {n: lab.node_pid1(n) for n in lab.NODES} == pids
+    assert lab.node_pid1("node2") == pid1
