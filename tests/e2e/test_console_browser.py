@@ -32,7 +32,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-PREFIX = "mhb2"
+PREFIX = os.environ.get("MIRRORHA_BROWSER_E2E_PREFIX", "mhb2")
 DATA = Path("/srv/mhb2data")  # the replicated dir: private to each lab node
 SHOTS = ARTIFACTS / "console"
 README_SHOT = Path(__file__).resolve().parents[2] / "docs" / "console.png"
