@@ -16,6 +16,7 @@ import pytest
 
 from appliance.console import auth
 from appliance.console.app import create_app
+from appliance.keys import init_cluster
 from appliance.paths import Paths
 from tests.support.console import (
     PASSWORD,
@@ -204,10 +205,14 @@ def test_peer_api_needs_a_client_certificate_of_this_cluster(
 
 
 def test_a_replaced_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
-    paths = cluster_home(tmp_path / "home", "node1", free_port())
+    """Started before the cluster exists (self-signed), then the cluster is created: its
+    certificate is served from the next connection on. (A console started with the cluster
+    already there serves the cluster's from the start: see server.run.)"""
+    paths = Paths(console_home(tmp_path / "home"))
     port = free_port()
     with running_console(paths.home, "node1", "127.0.0.1", port):
         bootstrap = _served_cert(port)
+        init_cluster(paths, ["node1", "node2"])
         auth.install_cluster_cert(auth.ConsoleFiles(paths.home), "node1")
         cluster_cert = _served_cert(port)
         assert cluster_cert != bootstrap
