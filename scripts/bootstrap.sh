@@ -10,6 +10,11 @@ APT_PACKAGES=(
   keepalived            # the comparison point of bench/failover
   fuse3 libfuse3-dev pkg-config   # FUSE over-mounts (pyfuse3 builds against libfuse3)
   postgresql-15         # the end-to-end RPO test runs a real PostgreSQL on a replicated dir
+  debootstrap zstd      # `make image`: the appliance's Debian 12 root filesystem (cached as .tar.zst)
+  fdisk grub-pc-bin     # `make image`: partition table of the raw disk and its BIOS boot loader
+  dosfstools mtools     # the first-boot seed disk (vfat, written without mounting)
+  qemu-system-x86 qemu-utils   # the appliance VM test and bench (TCG), qcow2 output
+  packer                # packer/ template (`packer validate`; Debian 12 ships 1.6.6)
   prometheus prometheus-alertmanager   # promtool for the alert rules; the monitoring e2e test
   chromium              # the console's browser test (Playwright drives /usr/bin/chromium)
 )
