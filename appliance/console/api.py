@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from flask import Blueprint, Response, current_app, jsonify, request, session
+from flask import Blueprint, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from appliance.config import ClusterConfig, load_cluster, parse_cluster
@@ -56,13 +56,14 @@ class NodeOps(Protocol):
 
 @dataclass
 class Console:
-    """What the routes share: this node, its files, the login limiter."""
+    """What the routes share: this node, its files, the login limiter, the live sessions."""
 
     home: Path
     local: LocalNode
     files: auth.ConsoleFiles
     peer_port: int = peer.CONSOLE_PORT
     limiter: auth.LoginLimiter = field(default_factory=auth.LoginLimiter)
+    sessions: auth.Sessions = field(default_factory=auth.Sessions)
 
     def cluster(self) -> ClusterConfig | None:
         path = Paths(self.home).cluster_xml
@@ -138,14 +139,14 @@ def login() -> ResponseReturnValue:
 @api.post("/logout")
 @auth.api_login_required
 def logout() -> ResponseReturnValue:
-    session.clear()
+    auth.end_session()
     return jsonify({"ok": True})
 
 
 @api.get("/session")
 @auth.api_login_required
 def session_info() -> ResponseReturnValue:
-    return jsonify({"user": session["user"], "csrf_token": auth.csrf_token()})
+    return jsonify({"user": auth.current_user(), "csrf_token": auth.csrf_token()})
 
 
 @api.get("/hello")

