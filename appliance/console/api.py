@@ -120,20 +120,25 @@ def module_arg(module: str) -> str:
 def login() -> ResponseReturnValue:
     """JSON only: a cross-site form cannot post JSON (no login CSRF), and SameSite=Strict keeps
     the cookie off cross-site requests afterwards."""
+    data = body_json()
+    username, password = data.get("username", auth.ADMIN_USER), data.get("password")
+    authenticate(username, password, "wrong user name or password")
+    return jsonify({"csrf_token": auth.start_session(str(username))})
+
+
+def authenticate(username: Any, password: Any, wrong: str) -> None:
+    """The admin's credentials (login, and the bootstrap join), rate-limited per client
+    address: the socket's peer, never a header a client could forge (X-Forwarded-For...)."""
     c = console()
     client = request.remote_addr or "?"
-    wait = c.limiter.retry_after(client)
+    wait = c.limiter.attempt(client)
     if wait is not None:
         raise ConsoleError(429, "rate_limited", f"too many failed logins from {client}; try "
                            f"again in {int(wait) + 1} s")
-    data = body_json()
-    username, password = data.get("username", auth.ADMIN_USER), data.get("password")
     if not isinstance(username, str) or not isinstance(password, str) or \
             not auth.check_password(c.files, username, password):
-        c.limiter.failed(client)
-        raise ConsoleError(401, "bad_credentials", "wrong user name or password")
+        raise ConsoleError(401, "bad_credentials", wrong)
     c.limiter.succeeded(client)
-    return jsonify({"csrf_token": auth.start_session(username)})
 
 
 @api.post("/logout")
@@ -510,17 +515,9 @@ def peer_join() -> ResponseReturnValue:
     """Bootstrap: the node creating the cluster installs it here, proving it knows this node's
     admin password (no cluster certificate exists yet)."""
     c = console()
-    client = request.remote_addr or "?"
-    wait = c.limiter.retry_after(client)
-    if wait is not None:
-        raise ConsoleError(429, "rate_limited", f"too many failed logins from {client}")
     data = body_json()
-    if not auth.check_password(c.files, str(data.get("username", auth.ADMIN_USER)),
-                               str(data.get("password", ""))):
-        c.limiter.failed(client)
-        raise ConsoleError(401, "bad_credentials",
-                           f"wrong admin password for the console of {c.local.name}")
-    c.limiter.succeeded(client)
+    authenticate(data.get("username", auth.ADMIN_USER), data.get("password", ""),
+                 f"wrong admin password for the console of {c.local.name}")
     text, bundle = data.get("cluster_xml"), data.get("bundle")
     if not isinstance(text, str) or not isinstance(bundle, str):
         raise ConsoleError(400, "bad_request", "cluster_xml and bundle are needed")

@@ -221,19 +221,20 @@ class LoginLimiter:
         self._seen: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def retry_after(self, client: str) -> float | None:
-        """Seconds until this client may try again, None if it may now."""
+    def attempt(self, client: str) -> float | None:
+        """Count a login attempt of this client now, as a failure until `succeeded` says
+        otherwise; or, if it already has too many, the seconds until it may try again (and
+        nothing counted). One step under the lock: parallel guesses, each checked before any
+        had failed, would each get a try."""
         with self._lock:
             times = self._recent(client)
-            if len(times) < self.failures:
-                return None
-            return max(0.0, times[0] + self.window_s - self.clock())
-
-    def failed(self, client: str) -> None:
-        with self._lock:
-            self._recent(client).append(self.clock())
+            if len(times) >= self.failures:
+                return max(0.0, times[0] + self.window_s - self.clock())
+            times.append(self.clock())
+            return None
 
     def succeeded(self, client: str) -> None:
+        """The attempt had the right password: the client's failures are forgiven."""
         with self._lock:
             self._seen.pop(client, None)
 
