@@ -44,11 +44,15 @@ def login_required(view: Any) -> Any:
 
 
 def safe_next(target: str | None) -> str:
-    """Only a path on this console: a crafted ?next= must not send the browser elsewhere."""
+    """Only a path on this console: a crafted ?next= must not send the browser elsewhere.
+    Browsers read a backslash as a slash (`/\\host` is `//host`) and drop tabs and newlines,
+    so neither may appear, nor an encoded backslash that a later decoding could reveal."""
     if not target:
         return url_for("ui.dashboard")
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") \
+            or "\\" in target or "%5c" in target.lower() or \
+            any(ord(ch) < 0x20 or ord(ch) == 0x7f for ch in target):
         return url_for("ui.dashboard")
     return target
 

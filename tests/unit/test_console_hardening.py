@@ -103,3 +103,18 @@ def test_forwarded_headers_do_not_buy_more_guesses(tmp_path: Path) -> None:
         for spoof in ({"X-Forwarded-For": "203.0.113.99"}, {"X-Real-IP": "203.0.113.98"},
                       {"Forwarded": "for=203.0.113.97"}):
             assert _guess(url, spoof) == 429, spoof
+
+
+# -- redirects ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["/\\evil.example/", "/\t/evil.example/", "//evil.example",
+                                    "https://evil.example/", "/%5Cevil.example"])
+def test_next_never_leaves_the_console(fresh: Api, target: str) -> None:
+    """Browsers read `/\\host` (and `/<tab>/host`, tabs being dropped) as `//host`."""
+    query = {"next": target}
+    page = fresh.call("GET", "/login", query_string=query)
+    assert b'data-next="/"' in page.data, page.data
+    fresh.login()
+    again = fresh.call("GET", "/login", query_string=query)
+    assert again.status_code == 302 and again.headers["Location"] == "/"
