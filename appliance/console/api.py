@@ -498,11 +498,15 @@ def verified_peer() -> str | None:
 def require_cluster_cert() -> None:
     if request.endpoint == "peer.peer_join":
         return
+    """Only the other node of cluster.xml: this CA's certificate for this very node (what our
+    own console holds) or for a name outside cluster.xml is no peer."""
+    c = console()
     name = verified_peer()
-    cluster = console().cluster()
-    if name is None or cluster is None or name not in [n.name for n in cluster.nodes]:
-        raise ConsoleError(403, "peer_cert", "the peer API needs a client certificate of this "
-                           "cluster")
+    cluster = c.cluster()
+    peers = [n.name for n in cluster.nodes if n.name != c.local.name] if cluster else []
+    if name is None or name not in peers:
+        raise ConsoleError(403, "peer_cert", "the peer API needs the client certificate of "
+                           "this cluster's other node")
 
 
 @peer_api.get("/hello")

@@ -75,6 +75,9 @@ class TlsContexts:
             # Only the cluster CA: never the system's public CAs.
             ctx.load_verify_locations(cafile=str(ca))
             ctx.verify_mode = ssl.CERT_OPTIONAL
+            # As strict as the replication channel's (tls._common): our certificates are
+            # RFC 5280 clean, so a client certificate that is not is no peer of ours.
+            ctx.verify_flags |= ssl.VERIFY_X509_STRICT
         return ctx
 
 

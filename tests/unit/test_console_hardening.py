@@ -5,19 +5,29 @@ deploys. Real gunicorn and TLS on loopback where the behaviour lives there."""
 
 from __future__ import annotations
 
+import datetime
+import http.client
 import json
+import shutil
+import ssl
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from appliance.console import auth
 from appliance.console.app import create_app
+from appliance.replication.tls import issue_node_cert
 from tests.support.console import (
     PASSWORD,
     Api,
+    cluster_home,
     console_home,
     free_port,
     running_console,
@@ -118,3 +128,65 @@ def test_next_never_leaves_the_console(fresh: Api, target: str) -> None:
     fresh.login()
     again = fresh.call("GET", "/login", query_string=query)
     assert again.status_code == 302 and again.headers["Location"] == "/"
+
+
+# -- the peer API's client certificate ---------------------------------------------------------
+
+
+def _peer_get(port: int, path: str, cert: Path, key: Path) -> tuple[int, bytes]:
+    ctx = unverified()
+    ctx.load_cert_chain(str(cert), str(key))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _forged_by(pki: Path, signer: str, name: str, out: Path) -> tuple[Path, Path]:
+    """A certificate for `name` signed with node `signer`'s key, as if that node were a CA;
+    the chain file carries the signer's genuine certificate after it."""
+    signer_cert = x509.load_pem_x509_certificate((pki / f"{signer}.pem").read_bytes())
+    signer_key = serialization.load_pem_private_key((pki / f"{signer}.key").read_bytes(), None)
+    assert isinstance(signer_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(signer_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(signer_key, hashes.SHA256()))
+    chain, key_file = out / f"forged-{name}.pem", out / f"forged-{name}.key"
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                      + (pki / f"{signer}.pem").read_bytes())
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return chain, key_file
+
+
+def test_the_peer_api_answers_only_the_peer_node(tmp_path: Path) -> None:
+    """node1's peer API: node2's certificate is let in; this CA's certificate for node1
+    itself (what node1's own console holds) or for a node3 outside cluster.xml is not, and a
+    node certificate cannot act as a CA to mint a node2 certificate."""
+    paths = cluster_home(tmp_path / "home", "node1", free_port())
+    spare = tmp_path / "spare-pki"
+    shutil.copytree(paths.pki_dir, spare)
+    issue_node_cert(spare, "node3")
+    forged = _forged_by(paths.pki_dir, "node1", "node2", tmp_path)
+    port = free_port()
+    pki = paths.pki_dir
+    with running_console(paths.home, "node1", "127.0.0.1", port):
+        status, _ = _peer_get(port, "/peer/v1/hello", pki / "node2.pem", pki / "node2.key")
+        assert status == 200
+        for cert, key in ((pki / "node1.pem", pki / "node1.key"),
+                          (spare / "node3.pem", spare / "node3.key")):
+            status, body = _peer_get(port, "/peer/v1/modules/mirror/state", cert, key)
+            assert status == 403 and json.loads(body)["error"]["code"] == "peer_cert", cert
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _peer_get(port, "/peer/v1/modules/mirror/state", *forged)
