@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
@@ -36,6 +39,8 @@ peer_api = Blueprint("peer", __name__, url_prefix="/peer/v1")
 health = Blueprint("health", __name__)
 
 LAN = "default"  # the one network the console's cluster.xml has
+# Held while a cluster is created here (PUT /nodes) or installed by a join: one at a time.
+_INSTALLING = threading.Lock()
 
 
 class NodeOps(Protocol):
@@ -212,6 +217,17 @@ def put_nodes() -> ResponseReturnValue:
                            "them different host names (MIRRORHA_NODE)",
                            [_node_field(peer_i, "addr", "same node name as this node")])
     text = cluster_xml_text(names, [e["addr"] for e in entries])
+    if not _INSTALLING.acquire(blocking=False):
+        raise ConsoleError(409, "busy", "a cluster is being created on this node already")
+    try:
+        return _create_cluster(c, names, entries, local_i, password, text)
+    finally:
+        _INSTALLING.release()
+
+
+def _create_cluster(c: Console, names: list[str], entries: list[dict[str, Any]], local_i: int,
+                    password: str, text: str) -> ResponseReturnValue:
+    peer_i = 1 - local_i
     existing = c.cluster()
     if existing is not None:
         if _same_cluster(existing, names, entries):
@@ -227,8 +243,9 @@ def put_nodes() -> ResponseReturnValue:
         staging = Paths(Path(tmp))
         init_cluster(staging, names)
         bundle = export_bundle(staging, names[peer_i])
-        peer.join(peer_addr, c.peer_port, {"username": auth.ADMIN_USER, "password": password,
-                                           "cluster_xml": text, "bundle": bundle})
+        peer.join(entries[peer_i]["addr"], c.peer_port, {
+            "username": auth.ADMIN_USER, "password": password, "cluster_xml": text,
+            "bundle": bundle})
         install_cluster(c, text, export_bundle(staging, names[local_i]), staging)
     return jsonify({"nodes": _nodes_answer(names, entries, local_i), "configured": True,
                     "changed": True})
@@ -519,6 +536,7 @@ def peer_join() -> ResponseReturnValue:
     """Bootstrap: the node creating the cluster installs it here, proving it knows this node's
     admin password (no cluster certificate exists yet)."""
     c = console()
+    _refuse_if_member(c)  # before the password: a configured node is no password oracle
     data = body_json()
     authenticate(data.get("username", auth.ADMIN_USER), data.get("password", ""),
                  f"wrong admin password for the console of {c.local.name}")
@@ -535,14 +553,55 @@ def peer_join() -> ResponseReturnValue:
     if not (is_local_address(str(mine)) or mine.is_loopback):
         raise ConsoleError(400, "invalid_nodes", f"{me.addr(new.lans[0])} is not an address "
                            f"of {c.local.name}")
-    existing = c.cluster()
-    if existing is not None or Paths(c.home).cluster_key.exists():
-        raise ConsoleError(409, "configured", f"{c.local.name} already belongs to a cluster")
+    # Not waiting: both consoles creating a cluster with each other at once would each hold
+    # its lock while joining the other.
+    if not _INSTALLING.acquire(blocking=False):
+        raise ConsoleError(409, "busy", f"{c.local.name} is creating a cluster itself")
     try:
+        _refuse_if_member(c)
+        with tempfile.TemporaryDirectory(prefix="mirrorha-join-") as tmp:
+            verify_bundle(bundle, c.local.name, Paths(Path(tmp)))  # all of it, before writing
         install_cluster(c, text, bundle, None)
-    except MirrorhaError as e:
-        raise ConsoleError(400, "bad_request", f"{c.local.name}: {e}") from None
+    finally:
+        _INSTALLING.release()
     return jsonify({"ok": True, "node": c.local.name})
+
+
+def _refuse_if_member(c: Console) -> None:
+    paths = Paths(c.home)
+    if c.cluster() is not None or paths.cluster_key.exists() or \
+            (paths.pki_dir / tls.CA_CERT).exists():
+        raise ConsoleError(409, "configured", f"{c.local.name} already belongs to a cluster")
+
+
+def verify_bundle(bundle: str, node: str, staging: Paths) -> None:
+    """What a join brings must be exactly this node's: a cluster key, a CA certificate and
+    NODE's certificate (issued by that CA, naming NODE alone) with its key. Unpacked into
+    `staging`: a bad bundle leaves nothing behind in the node's home."""
+    try:
+        import_bundle(staging, bundle, "the cluster bundle")
+    except MirrorhaError as e:
+        raise ConsoleError(400, "bad_bundle", f"{node}: {e}") from None
+    pki = staging.pki_dir
+    expected = sorted([tls.CA_CERT, f"{node}.pem", f"{node}.key"])
+    found = sorted(p.name for p in pki.iterdir()) if pki.is_dir() else []
+    if found != expected:
+        raise ConsoleError(400, "bad_bundle", f"{node}: the bundle must hold "
+                           f"{', '.join(expected)}, not {', '.join(found) or 'nothing'}")
+    try:
+        ca = x509.load_pem_x509_certificate((pki / tls.CA_CERT).read_bytes())
+        cert = x509.load_pem_x509_certificate((pki / f"{node}.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        names = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        tls.server_context(pki, node)  # loads: the key is the certificate's
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound,
+            tls.TlsError) as e:
+        raise ConsoleError(400, "bad_bundle", f"{node}: the bundle's certificates do not "
+                           f"hold together: {e or type(e).__name__}") from None
+    if names != [node]:
+        raise ConsoleError(400, "bad_bundle", f"{node}: the bundle's certificate is for "
+                           f"{', '.join(names) or 'no name'}")
 
 
 @peer_api.get("/modules/<module>/state")

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -22,7 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance.console import auth
+from appliance.console.api import cluster_xml_text
 from appliance.console.app import create_app
+from appliance.keys import export_bundle, init_cluster
+from appliance.paths import Paths
 from appliance.replication.tls import issue_node_cert
 from tests.support.console import (
     PASSWORD,
@@ -190,3 +194,58 @@ def test_the_peer_api_answers_only_the_peer_node(tmp_path: Path) -> None:
             assert status == 403 and json.loads(body)["error"]["code"] == "peer_cert", cert
         with pytest.raises((ssl.SSLError, ConnectionError)):
             _peer_get(port, "/peer/v1/modules/mirror/state", *forged)
+
+
+# -- the bootstrap join ------------------------------------------------------------------------
+
+
+def _join_body(tmp: Path, password: str = PASSWORD, for_node: str = "node1"
+               ) -> dict[str, Any]:
+    """What node2's console sends node1 when it creates the cluster."""
+    staging = Paths(tmp)
+    init_cluster(staging, ["node1", "node2"])
+    return {"username": "admin", "password": password, "bundle": export_bundle(staging, for_node),
+            "cluster_xml": cluster_xml_text(["node1", "node2"], ["127.0.0.1", "127.0.0.2"])}
+
+
+def _nothing_installed(home: Path) -> bool:
+    paths = Paths(home)
+    return not paths.cluster_xml.exists() and not paths.cluster_key.exists() and \
+        not paths.pki_dir.exists()
+
+
+def test_a_configured_node_refuses_any_join_before_looking_at_the_password(
+        tmp_path: Path) -> None:
+    """No password oracle once configured: wrong or right, 409, and no login tries used."""
+    paths = cluster_home(tmp_path / "home", "node1", free_port())
+    api = Api(create_app(paths.home, node="node1", peer_port=free_port()))
+    before = paths.cluster_key.read_bytes()
+    for i, password in enumerate(["wrong guess"] * (auth.LOGIN_FAILURES + 1) + [PASSWORD]):
+        resp = api.call("POST", "/peer/v1/join", _join_body(tmp_path / str(i), password))
+        assert resp.status_code == 409 and resp.json["error"]["code"] == "configured"
+    assert paths.cluster_key.read_bytes() == before
+    assert api.login().status_code == 200
+
+
+@pytest.mark.parametrize("damage", ["file name", "someone else's certificate", "foreign CA"])
+def test_a_bad_bundle_installs_nothing_and_the_node_can_still_join(
+        fresh: Api, tmp_path: Path, damage: str) -> None:
+    home = fresh.app.extensions["mirrorha"].home
+    body = _join_body(tmp_path / "good")
+    bundle = json.loads(body["bundle"])
+    if damage == "file name":
+        bundle["pki"]["../../console/admin.json.pem"] = "x"
+    elif damage == "someone else's certificate":
+        bundle = json.loads(_join_body(tmp_path / "other", for_node="node2")["bundle"])
+        bundle["pki"] = {k.replace("node2", "node1"): v for k, v in bundle["pki"].items()}
+    else:
+        bundle["pki"]["ca.pem"] = json.loads(_join_body(tmp_path / "foreign")["bundle"])[
+            "pki"]["ca.pem"]
+    resp = fresh.call("POST", "/peer/v1/join", {**body, "bundle": json.dumps(bundle)})
+    assert resp.status_code == 400, resp.json
+    assert _nothing_installed(home)
+    good = fresh.call("POST", "/peer/v1/join", body)
+    assert good.status_code == 200, good.json
+    assert Paths(home).cluster_xml.read_text() == body["cluster_xml"]
+    assert sorted(p.name for p in Paths(home).pki_dir.iterdir()) == [
+        "ca.pem", "node1.key", "node1.pem"]
