@@ -516,20 +516,16 @@ class LocalNode:
         path = self._log_path(self.paths(module), kind)
         lines = max(1, min(int(lines), MAX_LOG_LINES))
         if offset is None:
-            data = _read_log(path)
-            end = data.rfind(b"\n") + 1
-            text = data[:end].decode(errors="replace").splitlines()
-            return {"lines": text[-lines:], "offset": end}
+            start, data = _read_log(path) or (0, b"")
+            return _complete_lines(start, data, lines)
         offset = max(0, int(offset))
         deadline = time.monotonic() + max(0.0, min(wait_s, FOLLOW_WAIT_S))
         while True:
-            data = _read_log(path, offset)
-            if data is None:  # the log was truncated or rotated below the offset: start over
-                offset, data = 0, _read_log(path) or b""
-            end = data.rfind(b"\n") + 1
-            if end or time.monotonic() >= deadline:
-                return {"lines": data[:end].decode(errors="replace").splitlines()[-MAX_LOG_LINES:],
-                        "offset": offset + end}
+            # None: the log was truncated or rotated below the offset: start over
+            start, data = _read_log(path, offset) or _read_log(path) or (0, b"")
+            answer = _complete_lines(start, data, MAX_LOG_LINES)
+            if answer["lines"] or answer["offset"] != offset or time.monotonic() >= deadline:
+                return answer
             time.sleep(0.2)  # polling a growing file: there is nothing to wait on
 
     @staticmethod
@@ -697,13 +693,18 @@ def _replace_file(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _read_log(path: Path, offset: int = 0) -> bytes | None:
-    """A log's bytes from `offset` (b"" if there is no log yet; None if offset is past its
-    end). Never through a symlink: a log file replaced by a link to /etc/shadow stays unread."""
+LOG_READ_BYTES = 8 << 20  # MAX_LOG_LINES lines fit in it: a huge log is never read whole
+
+
+def _read_log(path: Path, offset: int = 0) -> tuple[int, bytes] | None:
+    """(where the bytes start, the log's bytes from there): from `offset`, or from the first
+    line start within the log's last LOG_READ_BYTES when that is further; an offset inside a
+    line starts at the next line. (0, b"") if there is no log yet; None if `offset` is past its
+    end. Never through a symlink: a log file replaced by a link to /etc/shadow stays unread."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        return b"" if offset == 0 else None
+        return (0, b"") if offset == 0 else None
     except OSError as e:
         raise ConsoleError(403, "forbidden", f"{path.name}: not a plain file ({e.strerror})"
                            ) from None
@@ -713,12 +714,19 @@ def _read_log(path: Path, offset: int = 0) -> bytes | None:
             raise ConsoleError(403, "forbidden", f"{path.name}: not a plain file")
         if offset > st.st_size:
             return None
-        f.seek(offset)
-        # The tail of a huge log: at most the last 8 MiB (MAX_LOG_LINES lines fit in it).
-        if st.st_size - offset > 8 << 20:
-            f.seek(st.st_size - (8 << 20))
-            f.readline()
-        return f.read()
+        start = max(offset, st.st_size - LOG_READ_BYTES)
+        f.seek(max(0, start - 1))
+        if start > 0 and f.read(1) != b"\n":
+            f.readline()  # inside a line: from the next one
+        start = f.tell()
+        return start, f.read(st.st_size - start)
+
+
+def _complete_lines(start: int, data: bytes, lines: int) -> dict[str, Any]:
+    """The last `lines` complete lines of data read at `start`, and the offset after them."""
+    end = data.rfind(b"\n") + 1
+    text = data[:end].decode(errors="replace").splitlines()
+    return {"lines": text[-lines:], "offset": start + end}
 
 
 def _tail_text(path: Path, lines: int) -> str:

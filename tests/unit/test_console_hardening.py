@@ -10,6 +10,7 @@ import http.client
 import json
 import shutil
 import ssl
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -249,3 +250,53 @@ def test_a_bad_bundle_installs_nothing_and_the_node_can_still_join(
     assert Paths(home).cluster_xml.read_text() == body["cluster_xml"]
     assert sorted(p.name for p in Paths(home).pki_dir.iterdir()) == [
         "ca.pem", "node1.key", "node1.pem"]
+
+
+# -- logs --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def node1(tmp_path: Path) -> tuple[Api, Paths]:
+    """node1 of a configured loopback cluster, no daemon (node2 is never started)."""
+    paths = cluster_home(tmp_path / "home", "node1", free_port())
+    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    api = Api(create_app(paths.home, node="node1", peer_port=free_port()))
+    api.login()
+    return api, paths
+
+
+LOG = "/api/v1/modules/mirror/nodes/node1/logs/module"
+
+
+def test_a_1_gib_log_is_tailed_and_followed_from_its_end(node1: tuple[Api, Paths]) -> None:
+    api, paths = node1
+    with open(paths.module_log, "wb") as f:
+        f.truncate(1 << 30)  # sparse: a gigabyte of old log the console must not read
+        f.seek(0, 2)
+        f.write(b"".join(b"line %d\n" % i for i in range(100)))
+    size = paths.module_log.stat().st_size
+    started = time.monotonic()
+    tail = api.call("GET", LOG, query_string={"lines": 50}).json
+    assert tail["lines"] == [f"line {i}" for i in range(50, 100)]
+    assert tail["offset"] == size
+    # A follower far behind (offset 0) is brought to the end, not 8 MiB further each time.
+    behind = api.call("GET", LOG, query_string={"offset": 0, "wait": 0}).json
+    assert behind["offset"] == size and behind["lines"][-1] == "line 99"
+    assert len(behind["lines"]) <= 5000
+    assert api.call("GET", LOG, query_string={"offset": size, "wait": 0}).json == {
+        "lines": [], "offset": size}
+    assert time.monotonic() - started < 10
+
+
+def test_following_from_a_wrong_offset(node1: tuple[Api, Paths]) -> None:
+    api, paths = node1
+    paths.module_log.write_bytes(b"first line\nsecond line\n")
+    size = paths.module_log.stat().st_size
+    middle = api.call("GET", LOG, query_string={"offset": 3, "wait": 0}).json
+    assert middle == {"lines": ["second line"], "offset": size}  # no half line
+    past = api.call("GET", LOG, query_string={"offset": size + 100, "wait": 0}).json
+    assert past == {"lines": ["first line", "second line"], "offset": size}  # rotated: again
+    negative = api.call("GET", LOG, query_string={"offset": -5, "wait": 0}).json
+    assert negative["offset"] == size
+    junk = api.call("GET", LOG, query_string={"offset": "zero"})
+    assert junk.status_code == 400 and junk.json["error"]["code"] == "bad_request"
