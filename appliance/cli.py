@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -218,7 +219,7 @@ def write_snapshot(paths: Paths, out: BinaryIO) -> None:
     scripts, logs, state and versions; never the cluster key or a private key."""
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for path in _snapshot_files(paths):
-            data = _read_no_follow(path)
+            data = _read_no_follow(path, SNAPSHOT_FILE_BYTES)
             if data is not None:
                 z.writestr(str(path.relative_to(paths.home)), data)
         try:
@@ -239,14 +240,33 @@ def _snapshot_files(paths: Paths) -> list[Path]:
     return [p for p in files if p.is_file() and not p.is_symlink()]
 
 
-def _read_no_follow(path: Path) -> bytes | None:
-    """The file's content, or None if it became a symlink (or vanished) since it was listed."""
+SNAPSHOT_FILE_BYTES = 16 << 20  # of each file: the end of a huge log is what support reads
+
+
+def _read_no_follow(path: Path, limit: int) -> bytes | None:
+    """The file's content, or None if it became a symlink (or vanished) since it was listed.
+    A file over `limit` bytes (a log never rotated) gives its last lines within the limit,
+    after a line saying how much was left out: never a gigabyte read into memory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a file swapped for a FIFO since it was listed must not hang the snapshot
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
-        return f.read()
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        size = st.st_size
+        if size <= limit:
+            return f.read()
+        f.seek(size - limit)
+        data = f.read(limit)
+        cut = data.find(b"\n") + 1
+        if 0 < cut < len(data):  # from a line start, unless the window is all one line
+            data = data[cut:]
+        left_out = size - len(data)
+        return f"[mirrorha snapshot: the first {left_out} bytes of this file are left out]\n" \
+            .encode() + data
 
 
 def _versions() -> str:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import datetime
 import http.client
+import io
 import json
 import shutil
 import ssl
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from appliance import cli
 from appliance.console import auth
 from appliance.console.api import cluster_xml_text
 from appliance.console.app import create_app
@@ -300,3 +303,22 @@ def test_following_from_a_wrong_offset(node1: tuple[Api, Paths]) -> None:
     assert negative["offset"] == size
     junk = api.call("GET", LOG, query_string={"offset": "zero"})
     assert junk.status_code == 400 and junk.json["error"]["code"] == "bad_request"
+
+
+def test_the_snapshot_of_a_node_with_a_1_gib_log_keeps_its_end(node1: tuple[Api, Paths]
+                                                                ) -> None:
+    api, paths = node1
+    with open(paths.app_log, "wb") as f:
+        f.truncate(1 << 30)
+        f.seek(0, 2)
+        f.write(b"the application's last words\n")
+    started = time.monotonic()
+    resp = api.call("GET", "/api/v1/modules/mirror/nodes/node1/snapshot")
+    assert resp.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(resp.data)) as z:
+        info = z.getinfo("mirror/log/application.log")
+        kept = z.read(info)
+    assert info.file_size <= cli.SNAPSHOT_FILE_BYTES + 200
+    assert kept.endswith(b"the application's last words\n")
+    assert kept.startswith(b"[mirrorha snapshot: the first ")
+    assert time.monotonic() - started < 10
