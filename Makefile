@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MIRRORHA := $(VENV)/bin/mirrorha
 
-.PHONY: setup demo demo-down test check bench lint
+.PHONY: setup demo demo-down test check bench lint image test-image
 
 setup:
 	@./scripts/bootstrap.sh
@@ -26,6 +26,15 @@ bench: setup
 	$(PY) -m bench.failover
 	$(PY) -m bench.replication
 	$(PY) -m bench.pg_rpo
+	$(PY) -m bench.image --build
 
 lint: setup
-	$(VENV)/bin/ruff check appliance tests bench
+	$(VENV)/bin/ruff check appliance tests bench image
+
+# The appliance disk image (raw + qcow2) in build/image/ (image/build.sh; README "Appliance").
+image: setup
+	./image/build.sh
+
+# Two appliance VMs booted from that image under qemu (TCG), failing over: too long for `test`.
+test-image: image
+	MIRRORHA_IMAGE_TEST=1 $(PY) -m pytest -q tests/image

@@ -289,10 +289,11 @@ main() {
   fi
   unpack_base "$root"
   if [ "$mode" = packer-base ]; then
+    build_wheels "$BUILD_DIR/wheels"
     packer_prepare "$root"
     make_disk "$root" "$BUILD_DIR/packer-base.raw"
     rm -rf "$root"
-    log "done: $BUILD_DIR/packer-base.raw (key $BUILD_DIR/packer_ed25519)"
+    log "done: $BUILD_DIR/packer-base.raw, wheels/ and the key packer_ed25519: packer build packer/"
     return
   fi
   build_wheels "$BUILD_DIR/wheels"

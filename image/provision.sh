@@ -67,6 +67,8 @@ harden() {
   echo mirrorha > /etc/hostname
   printf '127.0.0.1\tlocalhost\n127.0.1.1\tmirrorha\n' > /etc/hosts
   echo 'LANG=C.UTF-8' > /etc/default/locale
+  # debootstrap copied the build host's resolver configuration; the appliance needs no DNS.
+  : > /etc/resolv.conf
 }
 
 slim() {
