@@ -235,9 +235,21 @@ def _snapshot_files(paths: Paths) -> list[Path]:
     planted in the log directory must not smuggle /etc/shadow into a zip anyone may ask for."""
     files = [paths.cluster_xml, paths.userconfig, paths.state_file]
     for folder in (paths.bin_dir, paths.log_dir):
-        if folder.is_dir() and not folder.is_symlink():
+        if folder.is_dir() and confined(paths, folder / "x"):
             files.extend(p for p in sorted(folder.iterdir()))
-    return [p for p in files if p.is_file() and not p.is_symlink()]
+    return [p for p in files if p.is_file() and not p.is_symlink() and confined(paths, p)]
+
+
+def confined(paths: Paths, path: Path) -> bool:
+    """No directory between the home and `path` is a symbolic link: what is read or written
+    there stays inside the home (a module's bin/ linked to /usr/local/bin is not the module's).
+    `path` itself may be one: readers open it with O_NOFOLLOW, writers replace the link."""
+    d = paths.home
+    for part in path.relative_to(paths.home).parts[:-1]:
+        d = d / part
+        if d.is_symlink():
+            return False
+    return True
 
 
 SNAPSHOT_FILE_BYTES = 16 << 20  # of each file: the end of a huge log is what support reads

@@ -281,7 +281,8 @@ class LocalNode:
         files = template_files()
         for key in MODULE_FILES:
             path = paths.module_dir / key
-            if path.is_file() and not path.is_symlink():
+            # Through a linked directory: not the module's (validate says so)
+            if path.is_file() and not path.is_symlink() and cli.confined(paths, path):
                 files[key] = path.read_text(errors="replace")
         return files
 
@@ -318,7 +319,10 @@ class LocalNode:
     def validate(self, module: str, files: Mapping[str, str]) -> list[dict[str, Any]]:
         """Field errors for these files on this node (empty: they can be deployed here)."""
         paths = self.paths(module)
-        errors: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = [
+            field_error(key, None, "path", f"{(paths.module_dir / key).parent} is a symbolic "
+                        f"link on {self.name}: the console writes only inside the module")
+            for key in MODULE_FILES if not cli.confined(paths, paths.module_dir / key)]
         for key in MODULE_FILES:
             text = files.get(key, "")
             if len(text.encode()) > MAX_FILE_BYTES:
@@ -531,12 +535,11 @@ class LocalNode:
     @staticmethod
     def _log_path(paths: Paths, kind: str) -> Path:
         """The log file, refusing a log directory that is (or leads through) a symlink."""
-        log_dir = paths.log_dir
-        for d in (paths.module_dir, log_dir):
-            if d.is_symlink():
-                raise ConsoleError(403, "forbidden", f"{d} is a symbolic link: refusing to "
-                                   "read logs through it")
-        return log_dir / LOG_FILES[kind]
+        path = paths.log_dir / LOG_FILES[kind]
+        if not cli.confined(paths, path):
+            raise ConsoleError(403, "forbidden", f"{paths.log_dir} is (or is reached through) "
+                               "a symbolic link: refusing to read logs through it")
+        return path
 
     def snapshot(self, module: str) -> bytes:
         out = io.BytesIO()

@@ -29,6 +29,7 @@ from appliance import cli
 from appliance.console import auth
 from appliance.console.api import cluster_xml_text
 from appliance.console.app import create_app
+from appliance.console.node import ConsoleError
 from appliance.keys import export_bundle, init_cluster
 from appliance.paths import Paths
 from appliance.replication.tls import issue_node_cert
@@ -322,3 +323,42 @@ def test_the_snapshot_of_a_node_with_a_1_gib_log_keeps_its_end(node1: tuple[Api,
     assert kept.endswith(b"the application's last words\n")
     assert kept.startswith(b"[mirrorha snapshot: the first ")
     assert time.monotonic() - started < 10
+
+
+# -- the module's files ------------------------------------------------------------------------
+
+
+def test_module_directories_linked_outside_are_neither_read_nor_written(
+        node1: tuple[Api, Paths], tmp_path: Path) -> None:
+    """bin/ and conf/ replaced by symbolic links to a directory outside the module: the
+    console shows none of its files, validation names the link, a deploy (which would have
+    written start_prim there) and a snapshot leave it alone."""
+    api, paths = node1
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("start_prim", "stop_prim", "userconfig.xml"):
+        (outside / name).write_text("#!/bin/sh\n# TOP SECRET\n")
+    shutil.rmtree(paths.bin_dir)
+    paths.bin_dir.symlink_to(outside)
+    conf = paths.userconfig.parent
+    shutil.rmtree(conf)
+    conf.symlink_to(outside)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+
+    config = api.call("GET", "/api/v1/modules/mirror/config")
+    assert config.status_code == 200 and b"TOP SECRET" not in config.data
+    check = api.call("POST", "/api/v1/modules/mirror/config/validate",
+                     {"files": {"bin/start_prim": "#!/bin/sh\necho new\n"}})
+    assert check.status_code == 400
+    assert {f["file"] for f in check.json["error"]["fields"]} >= {"bin/start_prim",
+                                                                  "conf/userconfig.xml"}
+    assert all("symbolic link" in f["message"] for f in check.json["error"]["fields"])
+    local = api.app.extensions["mirrorha"].local
+    with pytest.raises(ConsoleError) as refused:
+        local.deploy("mirror", {**local.read_files("mirror"),
+                                "bin/start_prim": "#!/bin/sh\necho new\n"})
+    assert refused.value.status == 400
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+    snap = api.call("GET", "/api/v1/modules/mirror/nodes/node1/snapshot")
+    with zipfile.ZipFile(io.BytesIO(snap.data)) as z:
+        assert b"TOP SECRET" not in b"".join(z.read(n) for n in z.namelist())
