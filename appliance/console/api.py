@@ -365,14 +365,30 @@ def put_config(module: str) -> ResponseReturnValue:
         raise ConsoleError(409, "module_running", "; ".join(blockers))
     files = c.local.complete_files(module, body_json())
     results: dict[str, Any] = {}
-    status = 200
+    done: list[str] = []
+    failed: tuple[str, ConsoleError] | None = None
     for ops in c.all_ops():
+        if failed is not None:  # one node changed at most while the operator is told why
+            results[ops.name] = {"ok": False, "message": f"not deployed ({failed[0]} failed "
+                                 f"first): nothing changed on {ops.name}"}
+            continue
         try:
             results[ops.name] = {"ok": True, "message": ops.deploy(module, files)}
+            done.append(ops.name)
         except ConsoleError as e:
             results[ops.name] = {"ok": False, "message": e.message}
-            status = e.status if status == 200 else status
-    return jsonify({"nodes": results}), status
+            failed = (ops.name, e)
+    if failed is None:
+        return jsonify({"nodes": results})
+    name, e = failed
+    if done:
+        error = ConsoleError(e.status, "partial_deploy", f"deployed on {', '.join(done)} but "
+                             f"not on {name} ({e.message}): the nodes' configurations now "
+                             f"differ; fix {name} and apply again", e.fields)
+    else:
+        error = ConsoleError(e.status, "deploy_failed", f"deployed nowhere: {e.message}",
+                             e.fields)
+    return jsonify({"nodes": results, **error.body()}), e.status
 
 
 def _check_everywhere(module: str, data: dict[str, Any]) -> tuple[dict[str, Any], int]:

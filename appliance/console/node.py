@@ -44,6 +44,7 @@ MAX_LOG_LINES = 5000
 FOLLOW_WAIT_S = 10.0
 DAEMON_START_S = 20.0  # the daemon answers its control socket well within this
 DAEMON_STOP_S = 30.0
+SYSTEMCTL_S = 60.0  # systemctl start (restart: twice that)
 FRESHNESS_MAX_ENTRIES = 200_000  # counting files must not take minutes on a huge tree
 
 
@@ -416,9 +417,13 @@ class LocalNode:
             raise ConsoleError(409, "module_running", blocker)
         paths = self.paths(module)
         config_changed = self._userconfig_changes(paths, files)
-        for key in MODULE_FILES:
-            _replace_file(paths.module_dir / key, files[key], 0o755 if key in SCRIPTS else 0o644)
-        paths.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            _replace_files({paths.module_dir / key: (files[key], 0o755 if key in SCRIPTS
+                                                     else 0o644) for key in MODULE_FILES})
+            paths.log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConsoleError(500, "deploy_failed", f"{self.name}: cannot write the module's "
+                               f"files: {e}") from None
         state = self.daemon_state(module)
         if state is None:
             self.start_daemon(module)
@@ -471,7 +476,7 @@ class LocalNode:
             raise ConsoleError(409, "not_configured",
                                f"the module {module!r} is not configured on {self.name}")
         if _under_systemd() and module == TEMPLATE:
-            subprocess.run(["systemctl", "start", "mirrorha"], check=True, timeout=60)
+            self._run(["systemctl", "start", "mirrorha"], SYSTEMCTL_S)
         else:
             # Without systemd (the lab, a container): detached into its own session so it
             # outlives this console, output kept beside the module's logs.
@@ -481,9 +486,8 @@ class LocalNode:
                 log.write(f"--- {time.strftime('%F %T')} started by the console\n".encode())
                 log.flush()
                 env = {**os.environ, "MIRRORHA_HOME": str(self.home), "MIRRORHA_NODE": self.name}
-                subprocess.run(["setsid", "-f", *mirrorha_argv(), "-m", module, "daemon"],
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                               env=env, check=True, timeout=30)
+                self._run(["setsid", "-f", *mirrorha_argv(), "-m", module, "daemon"], 30,
+                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
 
         def answers() -> bool:
             return self.daemon_state(module) is not None
@@ -495,9 +499,17 @@ class LocalNode:
             raise ConsoleError(500, "daemon_failed", f"the daemon did not start on "
                                f"{self.name}: {tail or 'no output'}") from None
 
+    def _run(self, argv: list[str], timeout: float, **kw: Any) -> None:
+        """A command starting or restarting the daemon; its failure is this node's error."""
+        try:
+            subprocess.run(argv, check=True, timeout=timeout, **kw)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise ConsoleError(500, "daemon_failed", f"{self.name}: {argv[0]} {argv[1]} "
+                               f"failed: {e}") from None
+
     def restart_daemon(self, module: str, state: dict[str, Any]) -> None:
         if _under_systemd() and module == TEMPLATE:
-            subprocess.run(["systemctl", "restart", "mirrorha"], check=True, timeout=120)
+            self._run(["systemctl", "restart", "mirrorha"], 2 * SYSTEMCTL_S)
         else:
             pid = int(state["pid"])
             with contextlib.suppress(ProcessLookupError):
@@ -682,18 +694,39 @@ def _our_fuse_mount(path: Path) -> bool:
     return False
 
 
-def _replace_file(path: Path, text: str, mode: int) -> None:
-    """Atomic replace: a reader (the daemon, a script starting) sees the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.console-tmp")
+def _replace_files(files: Mapping[Path, tuple[str, int]]) -> None:
+    """Atomic replace of each file (a reader, the daemon or a script starting, sees the old or
+    the new one), all written first: a full disk or an I/O error while writing leaves every
+    file as it was, not the first one new and the others old."""
+    staged = []
+    try:
+        for path, (text, mode) in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((stage_file(path, text.encode(), mode), path))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
+def stage_file(path: Path, data: bytes, mode: int) -> Path:
+    """`data` written and synced beside `path` with exactly `mode` from creation on (a secret
+    never exists with wider permissions); os.replace(returned, path) then installs it."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed it
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 LOG_READ_BYTES = 8 << 20  # MAX_LOG_LINES lines fit in it: a huge log is never read whole

@@ -195,3 +195,59 @@ class Api:
         if resp.status_code == 200:
             self.csrf = resp.json["csrf_token"]
         return resp
+
+
+class FakePeer:
+    """The other node's console as node1 meets it on the network, answering each (method,
+    path) of its peer API with a canned (status, JSON body), or never (None): a peer that
+    validates and then fails its deploy, or hangs. Serves node2's cluster certificate and asks
+    for the caller's, like the real one."""
+
+    def __init__(self, pki: Path, addr: str, port: int,
+                 routes: dict[tuple[str, str], tuple[int, Any] | None]) -> None:
+        import http.server
+        import threading
+
+        from appliance.replication import tls
+
+        self.calls: list[tuple[str, str]] = []
+        self.release = threading.Event()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                path = self.path.split("?")[0]
+                fake.calls.append((self.command, path))
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                answer = routes.get((self.command, path), (404, {"error": {
+                    "code": "not_found", "message": path, "fields": []}}))
+                if answer is None:
+                    fake.release.wait(120)
+                    return
+                data = json.dumps(answer[1]).encode()
+                self.send_response(answer[0])
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((addr, port), Handler)
+        self.server.daemon_threads = True
+        ctx = tls.server_context(pki, "node2")
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakePeer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,12 @@ from appliance.replication.tls import issue_node_cert
 from tests.support.console import (
     PASSWORD,
     Api,
+    FakePeer,
     cluster_home,
     console_home,
     free_port,
     running_console,
+    stop_daemon,
     unverified,
 )
 
@@ -362,3 +365,61 @@ def test_module_directories_linked_outside_are_neither_read_nor_written(
     snap = api.call("GET", "/api/v1/modules/mirror/nodes/node1/snapshot")
     with zipfile.ZipFile(io.BytesIO(snap.data)) as z:
         assert b"TOP SECRET" not in b"".join(z.read(n) for n in z.namelist())
+
+
+# -- deploys and peers that fail or hang -------------------------------------------------------
+
+VALIDATE = ("POST", "/peer/v1/modules/mirror/validate")
+DEPLOY = ("PUT", "/peer/v1/modules/mirror/config")
+NO_SPACE = (500, {"error": {"code": "failed", "message": "node2: No space left on device",
+                            "fields": []}})
+NEW_SCRIPT = {"files": {"bin/start_prim": "#!/bin/sh\necho new\n"}}
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Api, Paths, int]]:
+    """node1 as in `node1`, its peer port known (for a fake node2 at 127.0.0.2); whatever
+    daemon a deploy starts is stopped at the end."""
+    paths = cluster_home(tmp_path / "home", "node1", free_port())
+    port = free_port("127.0.0.2")
+    api = Api(create_app(paths.home, node="node1", peer_port=port))
+    api.login()
+    try:
+        yield api, paths, port
+    finally:
+        stop_daemon(paths)
+
+
+def test_a_peer_failing_its_deploy_after_validating_is_reported_per_node(
+        pair: tuple[Api, Paths, int]) -> None:
+    api, paths, port = pair
+    with FakePeer(paths.pki_dir, "127.0.0.2", port, {
+            VALIDATE: (200, {"errors": [], "blocker": None}), DEPLOY: NO_SPACE}):
+        resp = api.call("PUT", "/api/v1/modules/mirror/config", NEW_SCRIPT)
+    assert resp.status_code == 500, resp.json
+    nodes = resp.json["nodes"]
+    assert nodes["node1"]["ok"] is True and nodes["node2"]["ok"] is False
+    assert "No space left" in nodes["node2"]["message"]
+    error = resp.json["error"]
+    assert error["code"] == "partial_deploy"
+    assert "deployed on node1" in error["message"] and "not on node2" in error["message"]
+    assert (paths.bin_dir / "start_prim").read_text() == "#!/bin/sh\necho new\n"
+
+
+def test_after_a_failed_deploy_the_next_node_is_not_touched(
+        pair: tuple[Api, Paths, int]) -> None:
+    api, paths, port = pair
+    text = paths.cluster_xml.read_text()
+    first, second = (f'<node name="node{i}" addr="127.0.0.{i}"/>' for i in (1, 2))
+    paths.cluster_xml.write_text(text.replace(first + second, second + first))
+    before = (paths.bin_dir / "start_prim").read_text()
+    with FakePeer(paths.pki_dir, "127.0.0.2", port, {
+            VALIDATE: (200, {"errors": [], "blocker": None}), DEPLOY: NO_SPACE}):
+        resp = api.call("PUT", "/api/v1/modules/mirror/config", NEW_SCRIPT)
+    assert resp.status_code == 500, resp.json
+    assert resp.json["nodes"]["node1"] == {"ok": False, "message": "not deployed (node2 "
+                                           "failed first): nothing changed on node1"}
+    assert resp.json["error"]["code"] == "deploy_failed"
+    assert (paths.bin_dir / "start_prim").read_text() == before
+    assert api.call("GET", "/api/v1/modules/mirror/state").json["nodes"]["node1"][
+        "daemon"] == "not running"
