@@ -39,8 +39,6 @@ peer_api = Blueprint("peer", __name__, url_prefix="/peer/v1")
 health = Blueprint("health", __name__)
 
 LAN = "default"  # the one network the console's cluster.xml has
-# Held while a cluster is created here (PUT /nodes) or installed by a join: one at a time.
-_INSTALLING = threading.Lock()
 
 
 class NodeOps(Protocol):
@@ -69,6 +67,10 @@ class Console:
     peer_port: int = peer.CONSOLE_PORT
     limiter: auth.LoginLimiter = field(default_factory=auth.LoginLimiter)
     sessions: auth.Sessions = field(default_factory=auth.Sessions)
+    # Held while a cluster is created here (PUT /nodes) or installed by a join: one at a time.
+    installing: threading.Lock = field(default_factory=threading.Lock)
+    # Held by a PUT config (validate and deploy on both nodes): one at a time.
+    deploying: threading.Lock = field(default_factory=threading.Lock)
 
     def cluster(self) -> ClusterConfig | None:
         path = Paths(self.home).cluster_xml
@@ -217,12 +219,12 @@ def put_nodes() -> ResponseReturnValue:
                            "them different host names (MIRRORHA_NODE)",
                            [_node_field(peer_i, "addr", "same node name as this node")])
     text = cluster_xml_text(names, [e["addr"] for e in entries])
-    if not _INSTALLING.acquire(blocking=False):
+    if not c.installing.acquire(blocking=False):
         raise ConsoleError(409, "busy", "a cluster is being created on this node already")
     try:
         return _create_cluster(c, names, entries, local_i, password, text)
     finally:
-        _INSTALLING.release()
+        c.installing.release()
 
 
 def _create_cluster(c: Console, names: list[str], entries: list[dict[str, Any]], local_i: int,
@@ -355,6 +357,16 @@ def put_config(module: str) -> ResponseReturnValue:
     """Validate on both nodes, then deploy on both; nothing anywhere if a node refuses."""
     module = module_arg(module)
     c = console()
+    if not c.deploying.acquire(blocking=False):
+        raise ConsoleError(409, "busy", "another deployment is under way from this console; "
+                           "try again when it has finished")
+    try:
+        return _validate_and_deploy(c, module)
+    finally:
+        c.deploying.release()
+
+
+def _validate_and_deploy(c: Console, module: str) -> ResponseReturnValue:
     if c.cluster() is None:
         raise ConsoleError(409, "not_configured", "add both nodes first (PUT /api/v1/nodes)")
     body, status = _check_everywhere(module, body_json())
@@ -571,7 +583,7 @@ def peer_join() -> ResponseReturnValue:
                            f"of {c.local.name}")
     # Not waiting: both consoles creating a cluster with each other at once would each hold
     # its lock while joining the other.
-    if not _INSTALLING.acquire(blocking=False):
+    if not c.installing.acquire(blocking=False):
         raise ConsoleError(409, "busy", f"{c.local.name} is creating a cluster itself")
     try:
         _refuse_if_member(c)
@@ -579,7 +591,7 @@ def peer_join() -> ResponseReturnValue:
             verify_bundle(bundle, c.local.name, Paths(Path(tmp)))  # all of it, before writing
         install_cluster(c, text, bundle, None)
     finally:
-        _INSTALLING.release()
+        c.installing.release()
     return jsonify({"ok": True, "node": c.local.name})
 
 

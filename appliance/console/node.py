@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -245,6 +246,9 @@ class LocalNode:
     def __init__(self, home: Path, name: str | None = None) -> None:
         self.home = home
         self.name = name or node_name()
+        # One deploy at a time here (this console's, or the peer's through the peer API):
+        # two would race on the files and both restart the daemon.
+        self._deploying = threading.Lock()
 
     def paths(self, module: str) -> Paths:
         """A known module's paths: the template's name, or a module deployed here."""
@@ -408,6 +412,15 @@ class LocalNode:
     def deploy(self, module: str, files: Mapping[str, str]) -> str:
         """Validate, write atomically, then make the daemon run with the new configuration (in
         STOP: the operator starts the module). Returns what was done."""
+        if not self._deploying.acquire(blocking=False):
+            raise ConsoleError(409, "busy", f"{self.name}: another deployment of the module "
+                               "is under way; try again when it has finished")
+        try:
+            return self._deploy(module, files)
+        finally:
+            self._deploying.release()
+
+    def _deploy(self, module: str, files: Mapping[str, str]) -> str:
         errors = self.validate(module, files)
         if errors:
             raise ConsoleError(400, "invalid_config", f"invalid configuration on {self.name}",

@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,7 @@ from appliance.console.node import ConsoleError
 from appliance.keys import export_bundle, init_cluster
 from appliance.paths import Paths
 from appliance.replication.tls import issue_node_cert
+from appliance.waiting import wait_until
 from tests.support.console import (
     PASSWORD,
     Api,
@@ -423,3 +425,38 @@ def test_after_a_failed_deploy_the_next_node_is_not_touched(
     assert (paths.bin_dir / "start_prim").read_text() == before
     assert api.call("GET", "/api/v1/modules/mirror/state").json["nodes"]["node1"][
         "daemon"] == "not running"
+
+
+def test_a_second_deploy_while_one_runs_is_refused(pair: tuple[Api, Paths, int]) -> None:
+    """Two operators press Apply at once: the second is told to wait (409 busy) instead of
+    both writing the files and both restarting the daemons."""
+    api, paths, port = pair
+    other = Api(api.app)
+    other.login()
+    with FakePeer(paths.pki_dir, "127.0.0.2", port, {
+            VALIDATE: (200, {"errors": [], "blocker": None}), DEPLOY: None}) as peer, \
+            ThreadPoolExecutor(1) as pool:
+        first = pool.submit(api.call, "PUT", "/api/v1/modules/mirror/config", NEW_SCRIPT)
+        wait_until(lambda: DEPLOY in peer.calls, 30, "the first deploy to reach node2")
+        second = other.call("PUT", "/api/v1/modules/mirror/config", NEW_SCRIPT)
+        assert second.status_code == 409 and second.json["error"]["code"] == "busy"
+        peer.release.set()
+        assert first.result(timeout=60).json["error"]["code"] == "partial_deploy"
+
+
+def test_two_deploys_on_one_node_at_once_are_one_at_a_time(pair: tuple[Api, Paths, int]
+                                                          ) -> None:
+    """The same through the peer API: node2's console and this node's own both deploy here."""
+    local = pair[0].app.extensions["mirrorha"].local
+    files = {**local.read_files("mirror"), "bin/start_prim": "#!/bin/sh\necho new\n"}
+    start = threading.Barrier(2)
+
+    def deploy() -> str:
+        start.wait()
+        try:
+            return str(local.deploy("mirror", files))
+        except ConsoleError as e:
+            return e.code
+    with ThreadPoolExecutor(2) as pool:
+        answers = sorted(pool.map(lambda _: deploy(), range(2)))
+    assert answers[0] == "busy" and answers[1].startswith("configured"), answers
