@@ -21,12 +21,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from appliance.console import node
 from appliance.console.node import ConsoleError
 from appliance.replication import tls
 
 CONSOLE_PORT = 9010
+# How long to wait for the peer's answer, per kind of call. A hung peer (frozen, swapping)
+# costs a state refresh of the dashboard (every second) QUICK_TIMEOUT_S; a command or a
+# deploy waits for as long as the peer itself may legitimately take (starting or restarting
+# its daemon: node.py's deadlines), or node1 would report a failure while node2 succeeds.
+QUICK_TIMEOUT_S = 5.0
 TIMEOUT_S = 15.0
-FOLLOW_TIMEOUT_S = 25.0  # a log follow waits up to 10 s on the peer
+FOLLOW_TIMEOUT_S = node.FOLLOW_WAIT_S + TIMEOUT_S  # a log follow waits on the peer first
+COMMAND_TIMEOUT_S = node.SYSTEMCTL_S + node.DAEMON_START_S + TIMEOUT_S
+DEPLOY_TIMEOUT_S = 3 * node.SYSTEMCTL_S + node.DAEMON_STOP_S + node.DAEMON_START_S + TIMEOUT_S
+SNAPSHOT_TIMEOUT_S = 60.0
 
 
 class _Connection(http.client.HTTPSConnection):
@@ -95,7 +104,7 @@ def json_result(status: int, content_type: str, payload: bytes, who: str) -> Any
 def hello(addr: str, port: int = CONSOLE_PORT) -> dict[str, Any]:
     """GET /api/v1/hello of a console not known yet (unverified)."""
     result = json_result(*request(addr, port, bootstrap_context(), None, "GET",
-                                  "/api/v1/hello"), who=addr)
+                                  "/api/v1/hello", timeout=QUICK_TIMEOUT_S), who=addr)
     if not isinstance(result, dict) or not isinstance(result.get("node"), str):
         raise ConsoleError(502, "peer_error", f"{addr}: not a mirrorha console")
     return result
@@ -138,20 +147,21 @@ class RemoteNode:
         return f"/modules/{quote(module, safe='')}"
 
     def hello(self) -> dict[str, Any]:
-        return self._json("GET", "/hello")
+        return self._json("GET", "/hello", timeout=QUICK_TIMEOUT_S)
 
     def state(self, module: str) -> dict[str, Any]:
-        return self._json("GET", f"{self._m(module)}/state")
+        return self._json("GET", f"{self._m(module)}/state", timeout=QUICK_TIMEOUT_S)
 
     def check(self, module: str, files: Mapping[str, str]) -> dict[str, Any]:
         return self._json("POST", f"{self._m(module)}/validate", {"files": dict(files)})
 
     def deploy(self, module: str, files: Mapping[str, str]) -> str:
-        return self._json("PUT", f"{self._m(module)}/config", {"files": dict(files)}
-                          )["message"]
+        return self._json("PUT", f"{self._m(module)}/config", {"files": dict(files)},
+                          timeout=DEPLOY_TIMEOUT_S)["message"]
 
     def command(self, module: str, name: str) -> None:
-        self._json("POST", f"{self._m(module)}/commands/{quote(name, safe='')}", {})
+        self._json("POST", f"{self._m(module)}/commands/{quote(name, safe='')}", {},
+                   timeout=COMMAND_TIMEOUT_S)
 
     def logs(self, module: str, kind: str, lines: int = 200, offset: int | None = None,
              wait_s: float = 10.0) -> dict[str, Any]:
@@ -162,13 +172,14 @@ class RemoteNode:
                           query=query, timeout=FOLLOW_TIMEOUT_S)
 
     def snapshot(self, module: str) -> bytes:
-        status, ctype, payload = self._raw("GET", f"{self._m(module)}/snapshot", timeout=60)
+        status, ctype, payload = self._raw("GET", f"{self._m(module)}/snapshot",
+                                           timeout=SNAPSHOT_TIMEOUT_S)
         if status != 200:
             json_result(status, ctype, payload, self.name)  # raises the peer's error
         return payload
 
     def boot(self, module: str) -> dict[str, Any]:
-        return self._json("GET", f"{self._m(module)}/boot")
+        return self._json("GET", f"{self._m(module)}/boot", timeout=QUICK_TIMEOUT_S)
 
     def set_boot(self, module: str, on: bool) -> dict[str, Any]:
         return self._json("PUT", f"{self._m(module)}/boot", {"on": on})

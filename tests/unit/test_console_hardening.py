@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from appliance import cli
-from appliance.console import auth
+from appliance.console import auth, node, peer
 from appliance.console.api import cluster_xml_text
 from appliance.console.app import create_app
 from appliance.console.node import ConsoleError
@@ -460,3 +461,30 @@ def test_two_deploys_on_one_node_at_once_are_one_at_a_time(pair: tuple[Api, Path
     with ThreadPoolExecutor(2) as pool:
         answers = sorted(pool.map(lambda _: deploy(), range(2)))
     assert answers[0] == "busy" and answers[1].startswith("configured"), answers
+
+
+def test_a_hung_peer_costs_the_dashboard_seconds_not_a_quarter_minute(
+        pair: tuple[Api, Paths, int]) -> None:
+    """node2 accepts connections and never answers (frozen, SIGSTOPped, swapping): the state
+    of both nodes still comes back in a few seconds (the dashboard asks every second)."""
+    api, _, port = pair
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.2", port))
+        hung.listen(16)
+        answers = {}
+        for url in ("/api/v1/modules/mirror/state", "/api/v1/nodes"):
+            started = time.monotonic()
+            answers[url] = api.call("GET", url)
+            took = time.monotonic() - started
+            assert answers[url].status_code == 200, answers[url].json
+            assert took < peer.QUICK_TIMEOUT_S + 3, (url, took)
+    state = answers["/api/v1/modules/mirror/state"].json["nodes"]["node2"]
+    assert state["reachable"] is False and "timed out" in state["error"]
+
+
+def test_peer_calls_wait_longer_than_the_peer_itself_may_take() -> None:
+    """A command may start the peer's daemon first, a deploy restart it: node1 must not give
+    up (and report a failure) while node2 is still legitimately at work."""
+    start = node.SYSTEMCTL_S + node.DAEMON_START_S
+    assert start < peer.COMMAND_TIMEOUT_S
+    assert 2 * node.SYSTEMCTL_S + node.DAEMON_STOP_S + start < peer.DEPLOY_TIMEOUT_S
