@@ -162,6 +162,7 @@ def session_info() -> ResponseReturnValue:
 
 
 @api.get("/hello")
+@peer_api.get("/hello")  # the same answer to the peer (who it is talking to)
 def hello() -> ResponseReturnValue:
     return jsonify(console().local.hello())
 
@@ -552,11 +553,6 @@ def require_cluster_cert() -> None:
     if name is None or name not in peers:
         raise ConsoleError(403, "peer_cert", "the peer API needs the client certificate of "
                            "this cluster's other node")
-
-
-@peer_api.get("/hello")
-def peer_hello() -> ResponseReturnValue:
-    return jsonify(console().local.hello())
 
 
 @peer_api.post("/join")

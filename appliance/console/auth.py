@@ -16,7 +16,6 @@ import hmac
 import json
 import os
 import secrets
-import shutil
 import threading
 import time
 from collections import deque
@@ -28,7 +27,7 @@ from typing import Any
 from flask import current_app, request, session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from appliance.console.node import ConsoleError
+from appliance.console.node import ConsoleError, stage_file
 from appliance.errors import MirrorhaError
 from appliance.paths import Paths
 
@@ -49,17 +48,10 @@ class ConsoleFiles:
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomic, with `mode` from creation on (a secret never exists with wider permissions)."""
+    """Atomic, with `mode` from creation on (a secret never exists with wider permissions),
+    in a directory only root may enter when it has to be created."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    os.replace(stage_file(path, data, mode), path)
 
 
 # -- admin password -----------------------------------------------------------------------------
@@ -286,6 +278,4 @@ def install_cluster_cert(files: ConsoleFiles, node: str) -> None:
     files.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Key first: the server reloads when the certificate changes, and must find the pair.
     write_private(files.tls_key, key.read_bytes())
-    tmp = files.tls_cert.with_name(".tls.pem.tmp")
-    shutil.copyfile(cert, tmp)
-    os.replace(tmp, files.tls_cert)
+    write_private(files.tls_cert, cert.read_bytes(), 0o644)

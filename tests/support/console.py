@@ -23,6 +23,7 @@ from flask.testing import FlaskClient
 
 from appliance import control
 from appliance.console import auth
+from appliance.console.peer import bootstrap_context
 from appliance.keys import init_cluster
 from appliance.paths import Paths
 from appliance.waiting import wait_until
@@ -38,10 +39,8 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 
 def unverified() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    """Like the console's own bootstrap client: encrypted, the server not checked."""
+    return bootstrap_context()
 
 
 class ApiClient:
