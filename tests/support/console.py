@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import http.cookiejar
 import json
 import os
@@ -41,6 +42,22 @@ def free_port(addr: str = "127.0.0.1") -> int:
 def unverified() -> ssl.SSLContext:
     """Like the console's own bootstrap client: encrypted, the server not checked."""
     return bootstrap_context()
+
+
+def peer_get(port: int, path: str, cert: Path | None = None, key: Path | None = None,
+             addr: str = "127.0.0.1") -> tuple[int, bytes]:
+    """GET over HTTPS as another console would: presenting `cert` (and `key`) if given,
+    not checking the server (the tests check the server's side)."""
+    ctx = unverified()
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key or cert.with_suffix(".key")))
+    conn = http.client.HTTPSConnection(addr, port, context=ctx, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 class ApiClient:

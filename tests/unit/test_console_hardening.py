@@ -44,6 +44,7 @@ from tests.support.console import (
     cluster_home,
     console_home,
     free_port,
+    peer_get,
     running_console,
     stop_daemon,
     unverified,
@@ -148,18 +149,6 @@ def test_next_never_leaves_the_console(fresh: Api, target: str) -> None:
 # -- the peer API's client certificate ---------------------------------------------------------
 
 
-def _peer_get(port: int, path: str, cert: Path, key: Path) -> tuple[int, bytes]:
-    ctx = unverified()
-    ctx.load_cert_chain(str(cert), str(key))
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def _forged_by(pki: Path, signer: str, name: str, out: Path) -> tuple[Path, Path]:
     """A certificate for `name` signed with node `signer`'s key, as if that node were a CA;
     the chain file carries the signer's genuine certificate after it."""
@@ -197,14 +186,14 @@ def test_the_peer_api_answers_only_the_peer_node(tmp_path: Path) -> None:
     port = free_port()
     pki = paths.pki_dir
     with running_console(paths.home, "node1", "127.0.0.1", port):
-        status, _ = _peer_get(port, "/peer/v1/hello", pki / "node2.pem", pki / "node2.key")
+        status, _ = peer_get(port, "/peer/v1/hello", pki / "node2.pem", pki / "node2.key")
         assert status == 200
         for cert, key in ((pki / "node1.pem", pki / "node1.key"),
                           (spare / "node3.pem", spare / "node3.key")):
-            status, body = _peer_get(port, "/peer/v1/modules/mirror/state", cert, key)
+            status, body = peer_get(port, "/peer/v1/modules/mirror/state", cert, key)
             assert status == 403 and json.loads(body)["error"]["code"] == "peer_cert", cert
         with pytest.raises((ssl.SSLError, ConnectionError)):
-            _peer_get(port, "/peer/v1/modules/mirror/state", *forged)
+            peer_get(port, "/peer/v1/modules/mirror/state", *forged)
 
 
 # -- the bootstrap join ------------------------------------------------------------------------
@@ -373,6 +362,7 @@ def test_module_directories_linked_outside_are_neither_read_nor_written(
 # -- deploys and peers that fail or hang -------------------------------------------------------
 
 VALIDATE = ("POST", "/peer/v1/modules/mirror/validate")
+VALID = (200, {"errors": [], "blocker": None})
 DEPLOY = ("PUT", "/peer/v1/modules/mirror/config")
 NO_SPACE = (500, {"error": {"code": "failed", "message": "node2: No space left on device",
                             "fields": []}})
@@ -397,7 +387,7 @@ def test_a_peer_failing_its_deploy_after_validating_is_reported_per_node(
         pair: tuple[Api, Paths, int]) -> None:
     api, paths, port = pair
     with FakePeer(paths.pki_dir, "127.0.0.2", port, {
-            VALIDATE: (200, {"errors": [], "blocker": None}), DEPLOY: NO_SPACE}):
+            VALIDATE: VALID, DEPLOY: NO_SPACE}):
         resp = api.call("PUT", "/api/v1/modules/mirror/config", NEW_SCRIPT)
     assert resp.status_code == 500, resp.json
     nodes = resp.json["nodes"]
@@ -417,7 +407,7 @@ def test_after_a_failed_deploy_the_next_node_is_not_touched(
     paths.cluster_xml.write_text(text.replace(first + second, second + first))
     before = (paths.bin_dir / "start_prim").read_text()
     with FakePeer(paths.pki_dir, "127.0.0.2", port, {
-            VALIDATE: (200, {"errors": [], "blocker": None}), DEPLOY: NO_SPACE}):
+            VALIDATE: VALID, DEPLOY: NO_SPACE}):
         resp = api.call("PUT", "/api/v1/modules/mirror/config", NEW_SCRIPT)
     assert resp.status_code == 500, resp.json
     assert resp.json["nodes"]["node1"] == {"ok": False, "message": "not deployed (node2 "
@@ -435,7 +425,7 @@ def test_a_second_deploy_while_one_runs_is_refused(pair: tuple[Api, Paths, int])
     other = Api(api.app)
     other.login()
     with FakePeer(paths.pki_dir, "127.0.0.2", port, {
-            VALIDATE: (200, {"errors": [], "blocker": None}), DEPLOY: None}) as peer, \
+            VALIDATE: VALID, DEPLOY: None}) as peer, \
             ThreadPoolExecutor(1) as pool:
         first = pool.submit(api.call, "PUT", "/api/v1/modules/mirror/config", NEW_SCRIPT)
         wait_until(lambda: DEPLOY in peer.calls, 30, "the first deploy to reach node2")

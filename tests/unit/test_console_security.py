@@ -4,7 +4,6 @@ use (real gunicorn, real TLS, on loopback)."""
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import socket
@@ -25,7 +24,9 @@ from tests.support.console import (
     cluster_home,
     console_home,
     free_port,
+    peer_get,
     running_console,
+    unverified,
 )
 
 SCRIPT_LINE = '2026-01-01 00:00:00.000 node1 I <script>alert("x")</script> & <b>bold</b>'
@@ -152,28 +153,16 @@ def test_the_snapshot_leaves_out_symlinks_keys_and_everything_outside(
 # -- the peer API over real TLS ------------------------------------------------------------------
 
 
-def _client_context(pki: Path | None, node: str = "node2") -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the test checks the server, not the other way round
-    if pki is not None:
-        ctx.load_cert_chain(str(pki / f"{node}.pem"), str(pki / f"{node}.key"))
-    return ctx
-
-
-def _get(port: int, path: str, ctx: ssl.SSLContext) -> tuple[int, bytes]:
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+def _get(port: int, path: str, pki: Path | None, node: str = "node2") -> tuple[int, bytes]:
+    """As `node` of the cluster whose certificates are in `pki` (None: no certificate)."""
+    if pki is None:
+        return peer_get(port, path)
+    return peer_get(port, path, pki / f"{node}.pem")
 
 
 def _served_cert(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            _client_context(None).wrap_socket(raw) as s:
+            unverified().wrap_socket(raw) as s:
         cert = s.getpeercert(binary_form=True)
         assert cert is not None
         return cert
@@ -186,21 +175,20 @@ def test_peer_api_needs_a_client_certificate_of_this_cluster(
     auth.install_cluster_cert(files, "node1")
     port = free_port()
     with running_console(paths.home, "node1", "127.0.0.1", port):
-        status, body = _get(port, "/peer/v1/hello", _client_context(paths.pki_dir))
+        status, body = _get(port, "/peer/v1/hello", paths.pki_dir)
         assert status == 200 and json.loads(body)["node"] == "node1"
-        status, body = _get(port, "/peer/v1/modules/mirror/state",
-                            _client_context(paths.pki_dir))
+        status, body = _get(port, "/peer/v1/modules/mirror/state", paths.pki_dir)
         assert status == 200 and json.loads(body)["daemon"] == "not running"
 
-        status, body = _get(port, "/peer/v1/hello", _client_context(None))
+        status, body = _get(port, "/peer/v1/hello", None)
         assert status == 403 and json.loads(body)["error"]["code"] == "peer_cert"
 
         # Same node names, another cluster's CA: the handshake itself fails.
         with pytest.raises((ssl.SSLError, ConnectionError)):
-            _get(port, "/peer/v1/modules/mirror/state", _client_context(foreign_pki))
+            _get(port, "/peer/v1/modules/mirror/state", foreign_pki)
 
         # A browser (no certificate) still gets the API and pages.
-        status, _ = _get(port, "/api/v1/hello", _client_context(None))
+        status, _ = _get(port, "/api/v1/hello", None)
         assert status == 200
 
 
@@ -247,7 +235,7 @@ def test_two_consoles_create_the_cluster_and_then_talk_over_mutual_tls(tmp_path:
         assert not (h2 / "pki" / "node1.key").exists()  # each node has only its own key
         served = ssl.PEM_cert_to_DER_cert((h2 / "pki" / "node2.pem").read_text())
         with socket.create_connection(("127.0.0.2", port), timeout=10) as raw, \
-                _client_context(None).wrap_socket(raw) as s:
+                unverified().wrap_socket(raw) as s:
             assert s.getpeercert(binary_form=True) == served
 
         status, body = api.get("/api/v1/nodes")
