@@ -270,6 +270,7 @@ class ReplicaSender:
         self._send_q, self._recv_q = trio.open_memory_channel[bytes](float("inf"))
         self._admission = trio.Lock()  # FIFO: seq order is the order submit() was called
         self._changed = trio.Event()
+        self._timeout_changed = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._broken: str | None = None
         self._nack: Nack | None = None
@@ -535,6 +536,13 @@ class ReplicaSender:
             self._last_progress = time.monotonic()
             self._notify()
 
+    def set_ack_timeout(self, seconds: float) -> None:
+        """Change the ack timeout from now on (a copy in progress tolerates a slow peer; a
+        live stream must not: the application waits on it)."""
+        self._ack_timeout = seconds
+        self._timeout_changed.set()  # the watchdog re-reads it
+        self._timeout_changed = trio.Event()
+
     async def _watchdog(self) -> None:
         while self._broken is None:
             if not self._outstanding():
@@ -547,7 +555,9 @@ class ReplicaSender:
                     f"no acknowledgement from {self.peer} for {idle:.1f} s with {lag.ops} ops "
                     f"({lag.bytes} bytes) outstanding (ack timeout {self._ack_timeout:g} s)")
                 return
-            await trio.sleep(self._ack_timeout - idle)
+            # Not woken by each ack (the hot path): only by the deadline or a new timeout.
+            with trio.move_on_after(self._ack_timeout - idle):
+                await self._timeout_changed.wait()
 
     # -- state changes
 

@@ -85,6 +85,11 @@ BARRIER_S = 2.0  # a SYNC barrier this often while streaming bounds what the pee
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # a failed copy is tried again after this, doubling
 
 
+def copy_ack_timeout(ack_timeout_s: float) -> float:
+    """Ack timeout during pass 1 of a reintegration (the application does not wait on it)."""
+    return max(30.0, 10 * ack_timeout_s)
+
+
 @dataclass(frozen=True)
 class SyncRetry:
     """Posted to the daemon a while after a failed copy: bring the peer level again if it is
@@ -273,6 +278,7 @@ class ReplicationService:
         self._journal_version = self._journal_written = 0
         self._barrier_running = False
         self._sync_scope: trio.CancelScope | None = None
+        self._sync_abandoned = ""  # why _sync_scope was cancelled
         self._stopping = False
         self._retry_s, self._last_failure = RETRY_FIRST_S, ""
         self._incoming: dict[str, Any] = {}  # secondary: the copy being received (log line)
@@ -353,7 +359,15 @@ class ReplicationService:
 
     def peer_gone(self) -> None:
         if self._token is not None:
-            trio.from_thread.run_sync(self._drop_sender, "peer lost", trio_token=self._token)
+            trio.from_thread.run_sync(self._peer_gone, trio_token=self._token)
+
+    def _peer_gone(self) -> None:
+        if self._sync_scope is not None:
+            # A copy to a peer the heartbeats lost is pointless (and its relaxed ack timeout
+            # would keep it waiting): the next copy starts when the peer is SECOND again.
+            self._sync_abandoned = f"{self.s.peer} was lost"
+            self._sync_scope.cancel()
+        self._drop_sender("peer lost")
 
     def _journal_figures(self) -> tuple[int, int]:
         """(dirty bytes, unsynced changes), read from another thread than the loop changing
@@ -567,6 +581,7 @@ class ReplicationService:
                 await self._receiver_done.wait()
         if role != "primary":
             if self._sync_scope is not None:
+                self._sync_abandoned = "this node is no longer primary"
                 self._sync_scope.cancel()  # no copy goes on from a node that stops writing
             await self._drain_and_drop_sender()
         with self._journal_lock:
@@ -707,13 +722,13 @@ class ReplicationService:
             job, what = functools.partial(self._reintegrate, base), "reintegration of"
         self._nursery.start_soon(self._sync_task, what, job)
 
-    async def _connect(self) -> ReplicaSender:
+    async def _connect(self, ack_timeout_s: float | None = None) -> ReplicaSender:
         this: list[ReplicaSender] = []  # the sender, for its own on_broken
         sender = ReplicaSender(
             node=self.s.node, peer=self.s.peer, module=self.s.module, host=self.s.peer_addr,
             port=self.s.port, ssl_context=tls.client_context(self.s.pki_dir, self.s.node,
                                                               self.s.peer),
-            ack_timeout_s=self.s.ack_timeout_s,
+            ack_timeout_s=ack_timeout_s or self.s.ack_timeout_s,
             on_broken=lambda reason: self._on_broken(this[0], reason))
         this.append(sender)
         try:
@@ -736,7 +751,7 @@ class ReplicationService:
                 self._sync_scope = scope
                 await job()
             if scope.cancelled_caught:  # (the job put back what it took from the journal)
-                self.say(f"{what} {self.s.peer} abandoned: this node is no longer primary")
+                self.say(f"{what} {self.s.peer} abandoned: {self._sync_abandoned}")
                 return
             self._retry_s, self._last_failure = RETRY_FIRST_S, ""
             self._last_copy_s = time.monotonic() - started
@@ -804,7 +819,11 @@ class ReplicationService:
     async def _reintegrate(self, base: list[Any] | None) -> None:
         started = time.monotonic()
         stats = reintegrate.Stats()
-        sender = await self._connect()
+        # Pass 1 runs while the application writes (journaled, it waits on nothing): a
+        # secondary slowed down by checksum work or a loaded host may take seconds to
+        # acknowledge, and failing the copy for that would only start it again, forever.
+        # A dead peer is noticed by the heartbeats meanwhile (peer_gone cancels the copy).
+        sender = await self._connect(copy_ack_timeout(self.s.ack_timeout_s))
         try:
             mode = await self._reintegration_passes(sender, base, stats)
         except BaseException:
@@ -834,6 +853,9 @@ class ReplicationService:
         first = self.journal.take()
         self._copy_pass = 1
         await self._pass(sender, peer, first.dirt, first.suspect_since, mode, stats)
+        await sender.submit(Op(OpKind.SYNC, 0, ""))  # pass 1 on the peer's disk, slow or not
+        # From the freeze on the application waits on the stream: the normal timeout again.
+        sender.set_ack_timeout(self.s.ack_timeout_s)
         try:
             await self._freeze(True)
             self._copy_pass = 2

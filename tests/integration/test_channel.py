@@ -462,6 +462,41 @@ def test_fsync_fails_at_the_ack_timeout_when_the_secondary_disk_hangs(
     run(scenario)
 
 
+def test_a_copy_tolerates_a_slow_secondary_until_the_timeout_is_tightened(
+        pki: Path, root: Path) -> None:
+    """Pass 1 of a reintegration runs with a long ack timeout (the application does not wait
+    on it); tightening it applies at once to what is already outstanding."""
+    async def scenario() -> None:
+        async with secondary(pki, root) as side:
+            sender = make_sender(pki, side.port)
+            sender.set_ack_timeout(30)
+            async with primary(sender):
+                await sender.submit(create("f"))
+                side.applier.fsync_gate.clear()  # a busy secondary: no ack for a while
+                failed: list[str] = []
+
+                async def durable() -> None:
+                    try:
+                        await sender.submit(fsync("f"))
+                    except ReplicaBroken as e:
+                        failed.append(str(e))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(durable)
+                    stalled_until = trio.current_time() + ACK_TIMEOUT_S * 2
+                    while trio.current_time() < stalled_until:  # longer than the normal timeout
+                        assert sender.broken is None
+                        await trio.sleep(0.05)  # polling interval of a bounded observation
+                    start = trio.current_time()
+                    sender.set_ack_timeout(ACK_TIMEOUT_S)
+                    await wait_for(lambda: failed, "the tightened timeout to break it")
+                    assert trio.current_time() - start < 0.5
+                assert "no acknowledgement from node2" in failed[0]
+                side.applier.fsync_gate.set()
+
+    run(scenario)
+
+
 def test_fsync_fails_at_once_when_the_secondary_dies_mid_stream(pki: Path) -> None:
     async def read_a_little_then_die(stream: trio.SSLStream[trio.SocketStream]) -> None:
         received = 0
