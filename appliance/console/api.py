@@ -249,7 +249,14 @@ def _create_cluster(c: Console, names: list[str], entries: list[dict[str, Any]],
         peer.join(entries[peer_i]["addr"], c.peer_port, {
             "username": auth.ADMIN_USER, "password": password, "cluster_xml": text,
             "bundle": bundle})
-        install_cluster(c, text, export_bundle(staging, names[local_i]), staging)
+        try:
+            install_cluster(c, text, export_bundle(staging, names[local_i]), staging)
+        except (OSError, MirrorhaError) as e:
+            peer_name = names[peer_i]
+            raise ConsoleError(500, "half_configured", f"{peer_name} has joined the new "
+                               f"cluster, but installing it on {c.local.name} failed: {e}. "
+                               f"To start over, remove cluster.xml, cluster.key and pki/ from "
+                               f"the home of both nodes, then save the nodes again") from None
     return jsonify({"nodes": _nodes_answer(names, entries, local_i), "configured": True,
                     "changed": True})
 

@@ -220,7 +220,8 @@ class FakePeer:
     for the caller's, like the real one."""
 
     def __init__(self, pki: Path, addr: str, port: int,
-                 routes: dict[tuple[str, str], tuple[int, Any] | None]) -> None:
+                 routes: dict[tuple[str, str], tuple[int, Any] | None],
+                 client_cert: bool = True) -> None:
         import http.server
         import threading
 
@@ -256,6 +257,8 @@ class FakePeer:
         self.server = http.server.ThreadingHTTPServer((addr, port), Handler)
         self.server.daemon_threads = True
         ctx = tls.server_context(pki, "node2")
+        if not client_cert:  # before the cluster exists (hello, join)
+            ctx.verify_mode = ssl.CERT_NONE
         self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

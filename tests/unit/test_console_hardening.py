@@ -591,3 +591,27 @@ def test_the_pages_script_inserts_nothing_as_html() -> None:
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
                  "new Function"):
         assert sink not in script, sink
+
+
+def test_a_cluster_joined_by_the_peer_but_not_installed_here_is_reported(
+        fresh: Api, tmp_path: Path) -> None:
+    """PUT /nodes: node2 accepted the join, then writing the cluster here failed (a disk
+    error; here pki/ is a file): the operator learns that node2 is configured and this node
+    not, and what to remove to start over."""
+    theirs = Paths(tmp_path / "node2")
+    init_cluster(theirs, ["node1", "node2"])
+    home = fresh.app.extensions["mirrorha"].home
+    (home / "pki").write_text("not a directory\n")
+    port = fresh.app.extensions["mirrorha"].peer_port
+    fresh.login()
+    with FakePeer(theirs.pki_dir, "127.0.0.2", port, {
+            ("GET", "/api/v1/hello"): (200, {"node": "node2", "configured": False}),
+            ("POST", "/peer/v1/join"): (200, {"ok": True, "node": "node2"})},
+            client_cert=False):
+        resp = fresh.call("PUT", "/api/v1/nodes", {"nodes": [
+            {"addr": "127.0.0.1"}, {"addr": "127.0.0.2", "password": PASSWORD}]})
+    assert resp.status_code == 500, resp.json
+    error = resp.json["error"]
+    assert error["code"] == "half_configured"
+    assert "node2 has joined" in error["message"] and "node1" in error["message"]
+    assert "cluster.xml" in error["message"]
