@@ -102,7 +102,9 @@ def _security_headers(resp: Response) -> Response:
                             "default-src 'self'; frame-ancestors 'none'; base-uri 'none'")
     resp.headers.setdefault("X-Content-Type-Options", "nosniff")
     resp.headers.setdefault("Referrer-Policy", "no-referrer")
-    if _is_api():
+    # Answers and pages (which carry the session's CSRF token) stay out of every cache;
+    # the stylesheet and the script may be cached.
+    if not request.path.startswith("/assets/"):
         resp.headers.setdefault("Cache-Control", "no-store")
     return resp
 

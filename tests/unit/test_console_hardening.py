@@ -615,3 +615,11 @@ def test_a_cluster_joined_by_the_peer_but_not_installed_here_is_reported(
     assert error["code"] == "half_configured"
     assert "node2 has joined" in error["message"] and "node1" in error["message"]
     assert "cluster.xml" in error["message"]
+
+
+def test_pages_holding_the_csrf_token_are_not_cached(fresh: Api) -> None:
+    fresh.login()
+    for path in ("/", "/login", "/advanced"):
+        resp = fresh.call("GET", path)
+        assert resp.headers.get("Cache-Control") == "no-store", path
+    assert fresh.call("GET", "/assets/console.css").headers.get("Cache-Control") != "no-store"
