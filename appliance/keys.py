@@ -8,12 +8,12 @@ to start: running unauthenticated would let anyone on the network steer the clus
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.errors import MirrorhaError
+from appliance.files import write_atomic
 from appliance.paths import Paths
 
 KEY_BYTES = 32
@@ -36,12 +36,7 @@ def create_cluster_key(path: Path, *, force: bool = False) -> bytes:
 
 def write_cluster_key(path: Path, text: str) -> bytes:
     key = parse_key(text, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (key.hex() + "\n").encode(), 0o600)
     return key
 
 
@@ -100,8 +95,5 @@ def import_bundle(paths: Paths, text: str, origin: str) -> None:
     for name, content in dict(bundle.get("pki", {})).items():
         if "/" in name or name.startswith(".") or not name.endswith((".pem", ".key")):
             raise KeyError_(f"{origin}: unexpected file name {name!r} in the bundle")
-        target = paths.pki_dir / name
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+        write_atomic(paths.pki_dir / name, str(content).encode(),
                      0o600 if name.endswith(".key") else 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(content))

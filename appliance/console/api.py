@@ -30,6 +30,7 @@ from appliance.config import ClusterConfig, load_cluster, parse_cluster
 from appliance.console import auth, peer
 from appliance.console.node import ConsoleError, LocalNode, check_module, recommend
 from appliance.errors import ConfigError, MirrorhaError
+from appliance.files import write_atomic
 from appliance.keys import export_bundle, import_bundle, init_cluster
 from appliance.paths import DEFAULT_MODULE, Paths
 from appliance.replication import tls
@@ -330,9 +331,9 @@ def install_cluster(c: Console, cluster_xml: str, bundle: str, staging: Paths | 
     paths = Paths(c.home)
     import_bundle(paths, bundle, "the cluster bundle")
     if staging is not None:
-        auth.write_private(paths.pki_dir / tls.CA_KEY, (staging.pki_dir / tls.CA_KEY
+        write_atomic(paths.pki_dir / tls.CA_KEY, (staging.pki_dir / tls.CA_KEY
                                                         ).read_bytes())
-    auth.write_private(paths.cluster_xml, cluster_xml.encode(), 0o644)
+    write_atomic(paths.cluster_xml, cluster_xml.encode(), 0o644)
     auth.install_cluster_cert(c.files, c.local.name)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import hmac
 import json
-import os
 import secrets
 import threading
 import time
@@ -27,8 +26,9 @@ from typing import Any
 from flask import current_app, request, session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from appliance.console.node import ConsoleError, stage_file
+from appliance.console.node import ConsoleError
 from appliance.errors import MirrorhaError
+from appliance.files import write_atomic
 from appliance.paths import Paths
 
 ADMIN_USER = "admin"
@@ -47,13 +47,6 @@ class ConsoleFiles:
         self.pki = Paths(home).pki_dir
 
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomic, with `mode` from creation on (a secret never exists with wider permissions),
-    in a directory only root may enter when it has to be created."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.replace(stage_file(path, data, mode), path)
-
-
 # -- admin password -----------------------------------------------------------------------------
 
 
@@ -61,7 +54,7 @@ def set_password(files: ConsoleFiles, password: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise MirrorhaError(f"the admin password must have at least {MIN_PASSWORD} characters")
     record = {"user": ADMIN_USER, "hash": generate_password_hash(password)}
-    write_private(files.admin, json.dumps(record).encode() + b"\n")
+    write_atomic(files.admin, json.dumps(record).encode() + b"\n")
 
 
 def has_password(files: ConsoleFiles) -> bool:
@@ -86,7 +79,7 @@ def secret_key(files: ConsoleFiles) -> bytes:
     except FileNotFoundError:
         pass
     key = secrets.token_bytes(32)
-    write_private(files.secret, key)
+    write_atomic(files.secret, key)
     return key
 
 
@@ -264,10 +257,10 @@ def ensure_bootstrap_cert(files: ConsoleFiles, node: str) -> None:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    write_private(files.tls_key, key.private_bytes(
+    write_atomic(files.tls_key, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
-    write_private(files.tls_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(files.tls_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def install_cluster_cert(files: ConsoleFiles, node: str) -> None:
@@ -277,5 +270,5 @@ def install_cluster_cert(files: ConsoleFiles, node: str) -> None:
         raise MirrorhaError(f"no cluster certificate for {node} in {files.pki}")
     files.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Key first: the server reloads when the certificate changes, and must find the pair.
-    write_private(files.tls_key, key.read_bytes())
-    write_private(files.tls_cert, cert.read_bytes(), 0o644)
+    write_atomic(files.tls_key, key.read_bytes())
+    write_atomic(files.tls_cert, cert.read_bytes(), 0o644)

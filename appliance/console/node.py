@@ -31,6 +31,7 @@ from appliance import cli, control
 from appliance.cluster import Command, Memory
 from appliance.config import ServiceConfig, load_cluster, parse_node_config, parse_userconfig
 from appliance.errors import CommandRefused, ConfigError, MirrorhaError
+from appliance.files import stage_file
 from appliance.paths import Paths
 from appliance.waiting import wait_until
 
@@ -722,24 +723,6 @@ def _replace_files(files: Mapping[Path, tuple[str, int]]) -> None:
         raise
     for tmp, path in staged:
         os.replace(tmp, path)
-
-
-def stage_file(path: Path, data: bytes, mode: int) -> Path:
-    """`data` written and synced beside `path` with exactly `mode` from creation on (a secret
-    never exists with wider permissions); os.replace(returned, path) then installs it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed it
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 LOG_READ_BYTES = 8 << 20  # MAX_LOG_LINES lines fit in it: a huge log is never read whole

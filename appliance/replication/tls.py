@@ -24,7 +24,6 @@ by the handshake itself: the checks live in the SSL contexts built here, not in 
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import ssl
 from pathlib import Path
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.errors import MirrorhaError
+from appliance.files import write_atomic
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -78,7 +78,7 @@ def create_cluster_ca(directory: Path, *, name: str = "mirrorha cluster CA") -> 
     )
     directory.mkdir(parents=True, exist_ok=True)
     _write_key(key_path, key)
-    _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def issue_node_cert(directory: Path, node: str) -> None:
@@ -112,7 +112,7 @@ def issue_node_cert(directory: Path, node: str) -> None:
         .sign(ca_key, hashes.SHA256())
     )
     _write_key(directory / f"{node}.key", key)
-    _write_file(directory / f"{node}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(directory / f"{node}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def server_context(directory: Path, node: str) -> ssl.SSLContext:
@@ -202,22 +202,6 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write_file(path, pem, 0o600)
+    write_atomic(path, pem, 0o600)
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with `mode` from creation on: a key must never exist, even briefly,
-    with wider permissions."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.chmod(tmp, mode)  # the umask may have narrowed it (0644 -> 0600 is fine, but be exact)
-    os.replace(tmp, path)
