@@ -66,11 +66,16 @@ require_tools() {
 apt_mirror() {
   if [ -n "${MIRROR:-}" ]; then echo "$MIRROR"; return; fi
   local uri
-  uri=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' \
-        /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
-  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $0 !~ /security/ {
-      for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' \
-      /etc/apt/sources.list 2>/dev/null | head -n1)
+  # deb822: the first stanza whose Suites has plain bookworm (not -security, not another
+  # vendor's repository).
+  uri=$(awk -v suite="$SUITE" '
+      /^[[:space:]]*$/ { if (u != "" && s) { print u; exit } u = ""; s = 0; next }
+      $1 == "URIs:" { u = $2 }
+      $1 == "Suites:" { for (i = 2; i <= NF; i++) if ($i == suite) s = 1 }
+      END { if (u != "" && s) print u }' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
+  [ -n "$uri" ] || uri=$(awk -v suite="$SUITE" '$1 == "deb" {
+      for (i = 2; i < NF; i++) if ($i ~ /^[a-z]+:\/\//) { if ($(i + 1) == suite) print $i; break }
+    }' /etc/apt/sources.list 2>/dev/null | head -n1)
   echo "${uri:-http://deb.debian.org/debian}"
 }
 
@@ -122,6 +127,8 @@ EOF
   tar --numeric-owner --xattrs --xattrs-include='*' -C "$tmp" -I 'zstd -T0 -3' \
     -cf "$out.tmp" .
   mv "$out.tmp" "$out"
+  # Older bases (another package list or mirror) are not used again.
+  find "$CACHE_DIR" -name 'base-*.tar.zst' ! -name "$(basename "$out")" -delete
   rm -rf "$tmp"
 }
 

@@ -82,7 +82,9 @@ path-exclude=/usr/share/locale/*
 EOF
   find /usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete 2>/dev/null || true
   rm -rf /usr/share/man/* /usr/share/locale/* /var/cache/apt/* /var/lib/apt/lists/*
-  rm -rf /var/log/*.log /var/log/apt/* /tmp/* 2>/dev/null || true
+  rm -rf /var/log/*.log /var/log/apt/* 2>/dev/null || true
+  # /tmp, except this payload: in the Packer build, packer-cleanup still runs from it.
+  find /tmp -mindepth 1 -maxdepth 1 ! -path "$PAYLOAD" -exec rm -rf {} + 2>/dev/null || true
 }
 
 packer_base() {
@@ -102,9 +104,10 @@ packer_base() {
 }
 
 packer_cleanup() {
-  apt-get purge -y -qq openssh-server openssh-sftp-server >/dev/null
+  apt-get purge -y -qq openssh-server openssh-sftp-server openssh-client >/dev/null
   apt-get autoremove -y -qq >/dev/null
   rm -rf /root/.ssh /etc/ssh/ssh_host_* /etc/systemd/network/99-packer.network
+  rm -rf "$PAYLOAD"
 }
 
 case "$MODE" in
@@ -116,7 +119,7 @@ case "$MODE" in
     slim
     ;;
   packer-base) packer_base ;;
-  packer-cleanup) packer_cleanup; harden; slim ;;
+  packer-cleanup) packer_cleanup; harden; slim; rm -rf /root/.ssh ;;
   *) echo "provision.sh: unknown mode $MODE" >&2; exit 2 ;;
 esac
 say "done ($MODE)"

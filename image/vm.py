@@ -100,6 +100,7 @@ class VmSpec:
     seed: Path | None
     image: BuiltImage = field(default_factory=BuiltImage)
     memory_mb: int = 768
+    cpus: int = int(os.environ.get("MIRRORHA_VM_CPUS", "1"))
     boot: str = "disk"  # "disk": BIOS + GRUB from the disk; "kernel": qemu -kernel/-initrd
     nice: int = int(os.environ.get("MIRRORHA_VM_NICE", "19"))
 
@@ -232,7 +233,7 @@ class ApplianceVm:
                f"hostfwd=tcp:127.0.0.1:{self.metrics_port}-{MGMT_GUEST}:9011")
         argv = [
             "qemu-system-x86_64", "-name", spec.name, "-accel", "tcg", "-machine", "pc",
-            "-m", str(spec.memory_mb), "-smp", "1", "-nodefaults", "-no-user-config",
+            "-m", str(spec.memory_mb), "-smp", str(spec.cpus), "-nodefaults", "-no-user-config",
             "-display", "none", "-serial", f"file:{self.serial_log}",
             "-drive", f"file={self.overlay},if=virtio,format=qcow2,discard=unmap",
             "-netdev", f"user,id=mgmt,net={MGMT_NET},host={MGMT_HOST},restrict=on,{fwd}",

@@ -84,7 +84,10 @@ def _save_artifacts(pair: dict[str, ApplianceVm], test: str) -> None:
             shutil.copy(vm.serial_log, out / f"{name}.serial.log")
         if vm.alive():
             try:
-                journal = vm.agent.shell("journalctl -b --no-pager | tail -n 400", 60)
+                journal = vm.agent.shell(
+                    "journalctl -b --no-pager -u mirrorha-seed -u mirrorha -u mirrorha-console "
+                    "-u nftables -u systemd-networkd; echo; journalctl -b -p warning --no-pager;"
+                    " echo; cat /var/lib/mirrorha/mirror/log/module.log", 120)
                 (out / f"{name}.journal.txt").write_text(journal)
             except Exception as e:  # the artifacts must not hide the test's own failure
                 (out / f"{name}.journal.txt").write_text(f"journal unavailable: {e}\n")
@@ -93,6 +96,32 @@ def _save_artifacts(pair: dict[str, ApplianceVm], test: str) -> None:
 def wait_health(vm: ApplianceVm, path: str, timeout: float) -> None:
     wait_until(lambda: vm.console_status(path) == 200, timeout,
                f"{vm.spec.name} console {path} = 200 (serial: {vm.serial_log})", interval=2)
+
+
+PYTHON = "/opt/mirrorha/bin/python3"
+HTTP_GET = ("import sys, urllib.request; "
+            "print(urllib.request.urlopen(f\"http://{sys.argv[1]}:{sys.argv[2]}/\", timeout=10)"
+            ".read().decode(), end=\"\")")
+CONNECT = ("import socket, sys\n"
+           "try:\n"
+           "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)\n"
+           "    print(\"connected\")\n"
+           "except OSError as e:\n"
+           "    print(e)\n")
+
+
+def reach(vm: ApplianceVm, addr: str, port: int) -> str:
+    """What a TCP connection from the guest to addr:port gives: "connected", "timed out"
+    (dropped by a firewall) or the error (refused: nothing listens)."""
+    code, out, err = vm.agent.run([PYTHON, "-c", CONNECT, addr, str(port)], 60)
+    assert code == 0, err
+    return out.strip()
+
+
+def http_get(vm: ApplianceVm, addr: str, port: int) -> str:
+    code, out, err = vm.agent.run([PYTHON, "-c", HTTP_GET, addr, str(port)], 60)
+    assert code == 0, err
+    return out
 
 
 def holds_vip(vm: ApplianceVm) -> bool:
@@ -120,6 +149,13 @@ def test_two_appliance_vms_form_a_cluster_fail_over_and_rejoin(
     # ... and the secondary's copy is read-only for its local processes.
     code, _, _ = node2.agent.run(["/bin/sh", "-c", f"echo x > {DATA}/local.txt"])
     assert code != 0
+
+    # The firewall: the sample application answers on the primary's port 80 locally, but port
+    # 80 is not among the appliance's open ports, so node2 cannot reach it; node1's console
+    # port it can.
+    assert http_get(node1, "127.0.0.1", 80) == "node1\n"
+    assert reach(node2, VIP, 80) == "timed out"
+    assert reach(node2, "198.51.100.1", 9010) == "connected"
 
     # Power loss of VM 1: node2 takes over alone, with the VIP.
     node1.kill()

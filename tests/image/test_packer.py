@@ -20,6 +20,8 @@ def test_packer_template_validates(tmp_path: Path) -> None:
     (tmp_path / "wheels").mkdir()
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                     str(tmp_path / "packer_ed25519")], check=True)
-    result = subprocess.run(["packer", "validate", "-var", f"build_dir={tmp_path}", "packer/"],
+    # (and that the output directory does not exist yet: a build of one's own may be there)
+    result = subprocess.run(["packer", "validate", "-var", f"build_dir={tmp_path}", "-var",
+                             f"output_dir={tmp_path / 'out'}", "packer/"],
                             cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
