@@ -27,9 +27,9 @@ CACHE_DIR=$BUILD_DIR/cache
 SUITE=bookworm
 NAME=mirrorha-appliance
 ROOT_SIZE_MB=${ROOT_SIZE_MB:-2048}
-# linux-image-cloud-amd64: the Debian kernel for virtual machines (virtio, no hardware drivers):
-# half the size of linux-image-amd64 and a smaller initramfs, so a faster boot under TCG. For
-# bare metal build with KERNEL_PACKAGE=linux-image-amd64.
+# linux-image-cloud-amd64: the Debian kernel for virtual machines (virtio, no drivers for
+# physical hardware): 105 MB installed against 400 MB for linux-image-amd64. For bare metal
+# build with KERNEL_PACKAGE=linux-image-amd64.
 KERNEL_PACKAGE=${KERNEL_PACKAGE:-linux-image-cloud-amd64}
 # Kernel command line: serial console (ttyS0) for headless hypervisors, tty0 for a screen.
 CMDLINE_EXTRA="ro console=tty0 console=ttyS0,115200n8 quiet"
