@@ -14,9 +14,10 @@ demo: setup
 demo-down: setup
 	$(MIRRORHA) lab down
 
-# The whole suite: unit, integration and slow end-to-end tests.
-test: setup lint
-	$(PY) -m pytest -q
+# The whole suite: unit, integration and slow end-to-end tests, including two appliance VMs
+# booted from the image (built first; cached after the first build) under qemu TCG.
+test: setup lint image
+	MIRRORHA_IMAGE_TEST=1 $(PY) -m pytest -q
 
 # Quick subset for the development loop: everything but the slow end-to-end tests.
 check: setup lint
@@ -35,6 +36,6 @@ lint: setup
 image: setup
 	./image/build.sh
 
-# Two appliance VMs booted from that image under qemu (TCG), failing over: too long for `test`.
+# Only the image's tests (part of `test`): two appliance VMs under qemu (TCG), failing over.
 test-image: image
 	MIRRORHA_IMAGE_TEST=1 $(PY) -m pytest -q tests/image
