@@ -1385,7 +1385,7 @@ def _console_lines(lab: Lab) -> list[str]:
             url = lab.console_url(node, preferred)
         except LabError:  # that host port is taken: any free one
             url = lab.console_url(node)
-        lines.append(f"  {node}: {url}/   (self-signed cluster certificate: accept it once)")
+        lines.append(f"  {node}: {url}/   (certificate of the cluster's own CA: accept it once)")
     if not lab.configured:
         lines.append("  the pair is unconfigured: add both nodes "
                      f"({lab.address('node1')}, {lab.address('node2')}) in the console")
