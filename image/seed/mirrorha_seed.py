@@ -158,6 +158,19 @@ def check_module_config(seed: dict[str, Any]) -> int:
     return config.service.heart.port
 
 
+def check_bundle(text: str) -> None:
+    """Imports the bundle into a scratch directory with mirrorha's own code: a malformed one
+    fails here, before anything of the node is written."""
+    from appliance.errors import MirrorhaError
+    from appliance.keys import import_bundle
+    from appliance.paths import Paths
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            import_bundle(Paths(Path(tmp)), str(text), "seed bundle")
+        except MirrorhaError as e:
+            raise SeedError(f"seed: {e}") from None
+
+
 # -- applying ----------------------------------------------------------------------------------
 
 
@@ -293,6 +306,8 @@ def apply(seed: dict[str, Any]) -> str:
     extra_tcp = [int(p) for p in seed.get("firewall_tcp_ports", [])]
     if any(not 0 < p < 65536 for p in extra_tcp):
         raise SeedError(f"seed: firewall_tcp_ports {extra_tcp}: ports are 1 to 65535")
+    if "bundle" in seed:
+        check_bundle(seed["bundle"])
     hostname = seed.get("hostname") or seed.get("node")
 
     if hostname:

@@ -106,6 +106,15 @@ def test_an_invalid_seed_changes_nothing(
     assert sorted(p.relative_to(appliance_root) for p in appliance_root.rglob("*")) == before
 
 
+def test_a_seed_with_a_malformed_bundle_changes_nothing(
+        appliance_root: Path, seeds: dict[str, dict[str, Any]]) -> None:
+    broken = {**seeds["node1"], "bundle": json.dumps({"cluster_key": "not-hex", "pki": {}})}
+    before = sorted(p.relative_to(appliance_root) for p in appliance_root.rglob("*"))
+    with pytest.raises(mirrorha_seed.SeedError, match="seed: "):
+        mirrorha_seed.apply(broken)
+    assert sorted(p.relative_to(appliance_root) for p in appliance_root.rglob("*")) == before
+
+
 def test_the_seed_disk_is_a_vfat_labelled_mhseed(
         tmp_path: Path, seeds: dict[str, dict[str, Any]]) -> None:
     if shutil.which("mkfs.vfat") is None or shutil.which("mtype") is None:
