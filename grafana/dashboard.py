@@ -202,7 +202,7 @@ def dashboard() -> dict[str, Any]:
         ]},
         "annotations": {"list": [{
             "name": "Failovers", "enable": True, "iconColor": "red", "datasource": DS,
-            "expr": f"changes(mirrorha_failovers_total{{{M}}}[1m]) > 0",
+            "expr": f"increase(mirrorha_failovers_total{{{M}}}[1m]) > 0",  # not a reset
             "titleFormat": "failover", "textFormat": "{{old_primary}} → {{new_primary}} "
                                                     "({{cause}})",
         }]},

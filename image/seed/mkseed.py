@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
 
+from appliance.files import write_atomic
 from appliance.keys import export_bundle, init_cluster
 from appliance.lab import APP_COMM, LabSettings, userconfig_xml
 from appliance.paths import Paths
@@ -129,8 +131,13 @@ def make_seeds(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def write_seed_image(seed: dict[str, Any], path: Path) -> None:
     """A vfat labelled MHSEED with seed.json, made without mounting (mkfs.vfat + mtools)."""
     path.unlink(missing_ok=True)
-    subprocess.run(["mkfs.vfat", "-C", "-n", SEED_LABEL, str(path), str(SEED_IMAGE_KIB)],
-                   check=True, capture_output=True)
+    # The seed holds the node's key: the image is 0600 before anything is written into it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, SEED_IMAGE_KIB * 1024)
+    finally:
+        os.close(fd)
+    subprocess.run(["mkfs.vfat", "-n", SEED_LABEL, str(path)], check=True, capture_output=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(seed, f, indent=2)
         f.flush()
@@ -143,8 +150,7 @@ def write_all(spec: dict[str, Any], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     images = {}
     for node, seed in make_seeds(spec).items():
-        (out / f"{node}.json").write_text(json.dumps(seed, indent=2) + "\n")
-        (out / f"{node}.json").chmod(0o600)
+        write_atomic(out / f"{node}.json", (json.dumps(seed, indent=2) + "\n").encode())
         images[node] = out / f"{node}-seed.img"
         write_seed_image(seed, images[node])
     return images
