@@ -106,7 +106,7 @@ def test_returning_secondary_gets_only_the_changes_while_the_app_keeps_writing(
     # being reintegrated (between its start and the pair forming).
     assert cluster.lab.app_pids()["node1"] == app_pids
     stamps = [float(x) for x in log.read_text().split()]
-    assert len(stamps) > stamps_at_sync + 5
+    assert len(stamps) >= stamps_at_sync + 5  # as waited for above (it may stop right there)
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert max(gaps) < 10, f"the application was blocked for {max(gaps):.1f} s"
     st = cluster.state("node1")
