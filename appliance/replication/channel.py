@@ -84,6 +84,7 @@ CLOSE_TIMEOUT_S = 1.0
 MAX_PENDING_HANDSHAKES = 16  # unauthenticated connections cannot pile up without bound
 RECEIVE_CHUNK = 256 * 1024
 SEND_BATCH_BYTES = 256 * 1024  # small frames are joined into one send_all up to this
+CORK_S = 0.002  # how long ordinary ops may wait for more to join them (none is waited for)
 LINGER_S = 2.0  # after a NACK, how long the secondary reads on before it closes
 LINGER_QUIET_S = 0.2  # ...unless the primary has sent nothing for this long
 QUERY_TIMEOUT_S = 300.0  # a LIST of a huge tree or SUMS of a huge file takes a while
@@ -267,7 +268,8 @@ class ReplicaSender:
         self._on_broken = on_broken
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
         self._reader: _FrameReader | None = None
-        self._send_q, self._recv_q = trio.open_memory_channel[bytes](float("inf"))
+        # (frame, sent at once): durable and query frames are not held back by the cork
+        self._send_q, self._recv_q = trio.open_memory_channel[tuple[bytes, bool]](float("inf"))
         self._admission = trio.Lock()  # FIFO: seq order is the order submit() was called
         self._changed = trio.Event()
         self._timeout_changed = trio.Event()
@@ -425,7 +427,7 @@ class ReplicaSender:
             self._queries[seq] = ([], trio.Event())
         self.submitted_ops += 1
         self.submitted_bytes += op.size
-        self._send_q.send_nowait(frame)
+        self._send_q.send_nowait((frame, op.durable or op.query))
         if idle:
             self._last_progress = now  # the ack timeout counts from the first op in flight
             self._notify()  # wakes the watchdog
@@ -470,18 +472,38 @@ class ReplicaSender:
     async def _writer(self) -> None:
         assert self._stream is not None
         try:
-            async for frame in self._recv_q:
+            async for frame, urgent in self._recv_q:
                 parts, size = [frame], len(frame)
-                while size < SEND_BATCH_BYTES:
-                    try:
-                        more = self._recv_q.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    parts.append(more)
-                    size += len(more)
+                urgent = self._gather(parts, urgent)
+                size = sum(map(len, parts))
+                if not urgent and size < SEND_BATCH_BYTES:
+                    # Cork: nobody waits for an ordinary op, and the durable op that usually
+                    # follows it (write, then fsync) arrives within microseconds. Sent together
+                    # they cost the secondary one read, one apply round and one ack, not two.
+                    with trio.move_on_after(CORK_S):
+                        while not urgent and sum(map(len, parts)) < SEND_BATCH_BYTES:
+                            more, urgent = await self._recv_q.receive()
+                            parts.append(more)
+                            urgent = self._gather(parts, urgent)
                 await self._stream.send_all(frame if len(parts) == 1 else b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._break(f"replication stream to {self.peer} broke while sending: {_describe(e)}")
+        except trio.EndOfChannel:
+            pass  # closed while corked: the stream is broken or closing, nothing to send
+
+    def _gather(self, parts: list[bytes], urgent: bool) -> bool:
+        """Append the frames queued now to `parts` (up to SEND_BATCH_BYTES); whether one of
+        them must leave at once."""
+        size = sum(map(len, parts))
+        while size < SEND_BATCH_BYTES:
+            try:
+                more, now = self._recv_q.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            parts.append(more)
+            size += len(more)
+            urgent = urgent or now
+        return urgent
 
     async def _ack_reader(self) -> None:
         assert self._reader is not None
