@@ -16,7 +16,9 @@ waiting and later `submit` raises `ReplicaBroken` and `on_broken(reason)` is cal
 Secondary side, `ReplicaReceiver`: accepts TLS connections (the ssl context checks the client
 certificate), serves one primary at a time (a new authenticated connection replaces the current
 one: a primary that restarted must not wait for a half-open stale connection), checks sequence
-numbers, and applies ops strictly in order through an `Applier` in a worker thread.
+numbers, and applies ops strictly in order through an `Applier`. Past the accept loop it runs
+in plain threads over blocking sockets (a reader and an applier per connection, see "secondary
+side" below), not in the trio loop.
 
 Greeting: the primary sends HELLO {protocol, node, module, generation, first_seq} and waits; the
 secondary checks it (the node must be the one its certificate names; module; optional
@@ -44,6 +46,7 @@ import errno
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -69,7 +72,7 @@ from appliance.replication.protocol import (
     encode_op,
     frame_length,
 )
-from appliance.replication.workers import in_worker
+from appliance.replication.tlsio import BlockingTls
 
 log = logging.getLogger("mirrorha.replication.channel")
 
@@ -79,7 +82,6 @@ DEFAULT_ACK_TIMEOUT_S = 5.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_APPLY_QUEUE_BYTES = 16 * 1024 * 1024  # received, acked ("second") and not yet applied
 HANDSHAKE_TIMEOUT_S = 5.0  # a connection must prove itself (TLS + HELLO) within this
-FLUSH_TIMEOUT_S = 2.0  # last acks/NACK of an ending session: a peer that stopped reading
 CLOSE_TIMEOUT_S = 1.0
 MAX_PENDING_HANDSHAKES = 16  # unauthenticated connections cannot pile up without bound
 RECEIVE_CHUNK = 256 * 1024
@@ -87,6 +89,7 @@ SEND_BATCH_BYTES = 256 * 1024  # small frames are joined into one send_all up to
 CORK_S = 0.002  # how long ordinary ops may wait for more to join them (none is waited for)
 LINGER_S = 2.0  # after a NACK, how long the secondary reads on before it closes
 LINGER_QUIET_S = 0.2  # ...unless the primary has sent nothing for this long
+READ_POLL_S = 0.2  # the secondary's reader looks up from its socket this often when idle
 QUERY_TIMEOUT_S = 300.0  # a LIST of a huge tree or SUMS of a huge file takes a while
 MAX_ANSWER_BYTES = 1 << 30  # memory a query's answer may take here
 APPLY_BATCH_OPS = 256  # ops handed to the applier thread per round trip
@@ -157,14 +160,53 @@ ReceiverEvent = PeerConnected | PeerDisconnected | OpRefused | ConnectionRefused
 
 # ----------------------------------------------------------------------------------- framing
 
+class _FrameParser:
+    """Splits a byte stream into decoded frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._need = 4  # bytes the buffer must hold before parsing can make progress
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> tuple[list[Frame], ProtocolError | None]:
+        """The frames `data` completes; after a malformed frame, the good frames before it
+        and the error (nothing after it can be trusted: the rest is dropped)."""
+        self._buf += data
+        # TLS hands out a 1 MiB frame in 16 KiB records: only look at the buffer once the
+        # awaited frame is complete.
+        if len(self._buf) < self._need:
+            return [], None
+        frames: list[Frame] = []
+        pos, end = 0, len(self._buf)
+        self._need = 4
+        error = None
+        try:
+            with memoryview(self._buf) as view:
+                while end - pos >= 4:
+                    size = 4 + frame_length(view[pos:pos + 4])
+                    if end - pos < size:
+                        self._need = size
+                        break
+                    # decode copies out what it keeps: no copy of the whole frame first
+                    frames.append(decode(view[pos + 4:pos + size]))
+                    pos += size
+        except ProtocolError as e:
+            error = e
+            pos = end
+        del self._buf[:pos]
+        return frames, error
+
+
 class _FrameReader:
-    """Splits a byte stream into decoded frames, returning everything already buffered at once
-    so that the receiver can acknowledge a whole batch with one Ack."""
+    """A trio stream's frames, returning everything already buffered at once so that a whole
+    batch can be handled in one go."""
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
-        self._buf = bytearray()
-        self._need = 4  # bytes the buffer must hold before parsing can make progress
+        self._parser = _FrameParser()
         self._pending: list[Frame] = []
         self._error: ProtocolError | None = None
 
@@ -179,32 +221,11 @@ class _FrameReader:
                 raise self._error
             data = await self._stream.receive_some(RECEIVE_CHUNK)
             if not data:
-                if self._buf:
-                    raise ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes)")
+                if self._parser.buffered:
+                    raise ProtocolError(
+                        f"stream ended inside a frame ({self._parser.buffered} bytes)")
                 return []
-            self._buf += data
-            # TLS hands out at most one 16 KiB record per read: a 1 MiB frame takes 64 reads,
-            # so only look at the buffer once the awaited frame is complete.
-            if len(self._buf) >= self._need:
-                self._parse()
-
-    def _parse(self) -> None:
-        pos, end = 0, len(self._buf)
-        self._need = 4
-        try:
-            with memoryview(self._buf) as view:
-                while end - pos >= 4:
-                    size = 4 + frame_length(view[pos:pos + 4])
-                    if end - pos < size:
-                        self._need = size
-                        break
-                    # decode copies out what it keeps: no copy of the whole frame first
-                    self._pending.append(decode(view[pos + 4:pos + size]))
-                    pos += size
-        except ProtocolError as e:
-            self._error = e  # raised once the frames before it are consumed
-            pos = end  # nothing after a bad frame can be trusted
-        del self._buf[:pos]
+            self._pending, self._error = self._parser.feed(data)
 
 
 def _describe(exc: BaseException) -> str:
@@ -214,10 +235,7 @@ def _describe(exc: BaseException) -> str:
     return text if isinstance(cause, ProtocolError) else f"{type(cause).__name__}: {text}"
 
 
-def _tune_socket(stream: trio.abc.Stream) -> None:
-    transport = getattr(stream, "transport_stream", stream)
-    if not isinstance(transport, trio.SocketStream):
-        return
+def _tune_socket(transport: trio.SocketStream | socket.socket) -> None:
     transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)  # acks are tiny
     transport.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)
     transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
@@ -614,6 +632,13 @@ class ReplicaSender:
 
 
 # ----------------------------------------------------------------------------- secondary side
+#
+# The secondary's data path runs in plain threads over blocking sockets (tlsio.BlockingTls),
+# not in the replication trio loop: per connection, one thread reads, checks and queues the
+# frames and sends the receipt acks; one applies the queue in order and sends the durable
+# acks, the replies and the NACK. Only the accept loop is trio. Measured: trio's SSLStream
+# handing out one 16 KiB record per scheduler round was the secondary's main CPU cost on a
+# large stream, and the worker-thread hop per applied batch its main added latency per fsync.
 
 class _ApplyQueue:
     """Ops received and not yet applied, bounded in bytes: one reader puts, one applier takes."""
@@ -623,77 +648,86 @@ class _ApplyQueue:
         self._bytes = 0
         self._limit = limit
         self._closed = False
-        self._changed = trio.Event()
+        self._cond = threading.Condition()
 
-    async def put(self, op: Op) -> None:
-        while self._bytes and self._bytes + op.size > self._limit:
-            await self._changed.wait()
-        self._items.append(op)
-        self._bytes += op.size
-        self._wake()
+    def put(self, op: Op) -> bool:
+        """Queue op, waiting for room; False (not queued) once the queue is closed."""
+        with self._cond:
+            while self._bytes and self._bytes + op.size > self._limit and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._items.append(op)
+            self._bytes += op.size
+            self._cond.notify_all()
+            return True
 
-    async def take(self) -> list[Op]:
+    def take(self) -> list[Op]:
         """The ops available now, ending early after a durable op (acked as soon as done);
         [] once closed and empty."""
-        while not self._items:
-            if self._closed:
-                return []
-            await self._changed.wait()
-        batch: list[Op] = []
-        size = 0
-        while self._items and len(batch) < APPLY_BATCH_OPS:
-            op = self._items[0]
-            if batch and size + op.size > APPLY_BATCH_BYTES:
-                break
-            batch.append(self._items.popleft())
-            size += op.size
-            if op.durable:
-                break
-        self._bytes -= size
-        self._wake()
-        return batch
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return []
+                self._cond.wait()
+            batch: list[Op] = []
+            size = 0
+            while self._items and len(batch) < APPLY_BATCH_OPS:
+                op = self._items[0]
+                if batch and size + op.size > APPLY_BATCH_BYTES:
+                    break
+                batch.append(self._items.popleft())
+                size += op.size
+                if op.durable:
+                    break
+            self._bytes -= size
+            self._cond.notify_all()
+            return batch
 
     def close(self) -> None:
-        self._closed = True
-        self._wake()
+        """No more puts; what is queued is still taken."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def discard(self) -> None:
-        self._items.clear()
-        self._bytes = 0
-        self.close()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        with self._cond:
+            self._items.clear()
+            self._bytes = 0
+            self._closed = True
+            self._cond.notify_all()
 
 
 class _Session:
-    """State of one primary's connection, shared by its reader, applier and acker tasks."""
+    """State of one primary's connection, shared by its reader and applier threads."""
 
-    def __init__(self, node: str, first_seq: int) -> None:
+    def __init__(self, node: str, first_seq: int, conn: BlockingTls) -> None:
         self.node = node
+        self.conn = conn
         self.received_seq = first_seq - 1
         self.applied_seq = first_seq - 1
-        self.ack_seq = first_seq - 1  # what Ack(durable=False) may claim
-        self.durable_seq = first_seq - 1
-        self.nack: Nack | None = None
-        self.replies: list[bytes] = []  # encoded REPLY frames, sent before the next acks
+        self.nack: Nack | None = None  # set once: nothing after nack.seq is applied
+        self.nack_at = float("inf")  # when the NACK was sent
         self.stop_reason = ""
-        self.read_scope = trio.CancelScope()
-        self.applied_all = trio.Event()
-        self.finished = False
-        self.flushed = trio.Event()
-        self.changed = trio.Event()
+        self._send_failed = False
 
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+    def send(self, parts: list[bytes]) -> None:
+        if not parts or self._send_failed:
+            return
+        try:
+            self.conn.send(parts[0] if len(parts) == 1 else b"".join(parts))
+        except OSError as e:
+            self._send_failed = True
+            self.stop(f"connection to {self.node} lost: {_describe(e)}")
+
+    def note_stop(self, reason: str) -> None:
+        if not self.stop_reason:
+            self.stop_reason = reason
 
     def stop(self, reason: str) -> None:
         """Stop reading (what was received is still applied)."""
-        if not self.stop_reason:
-            self.stop_reason = reason
-        self.read_scope.cancel()
+        self.note_stop(reason)
+        self.conn.shutdown_read()
 
 
 class ReplicaReceiver:
@@ -718,10 +752,13 @@ class ReplicaReceiver:
         self._check_hello = check_hello
         self._queue_limit = apply_queue_bytes
         self._handshake_timeout = handshake_timeout_s
-        self._session_lock = trio.Lock()
+        self._session_lock = threading.Lock()  # one session applies at a time
+        self._state_lock = threading.Lock()  # the fields below
         self._current: _Session | None = None
         self._latest: object | None = None
         self._pending_handshakes = 0
+        self._live: set[BlockingTls] = set()
+        self._stopping = False
         self.last_applied_seq = 0
         self._counters = dict.fromkeys(
             ("frames", "bytes", "applied", "rejected", "connections", "refused_connections"), 0)
@@ -734,98 +771,146 @@ class ReplicaReceiver:
     @property
     def peer(self) -> str | None:
         """The node whose session is being served, if any."""
-        return self._current.node if self._current is not None else None
+        current = self._current
+        return current.node if current is not None else None
 
     async def serve(self, listener: trio.abc.Listener[trio.SSLStream[trio.SocketStream]], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections until cancelled (`await nursery.start(receiver.serve, listener)`)."""
+        """Accept connections until cancelled (`await nursery.start(receiver.serve, listener)`).
+        Cancelled, it stops reading every connection and returns once what they received is
+        applied."""
         async with trio.open_nursery() as nursery:
             task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as e:  # EMFILE and friends: keep serving
-                    log.error("replication listener accept failed: %s", e)
-                    await trio.sleep(0.1)  # back off instead of spinning on a persistent error
-                    continue
-                if self._pending_handshakes >= MAX_PENDING_HANDSHAKES:
-                    self._refused(_address(stream), "too many connections being authenticated")
-                    await _close_quietly(stream.transport_stream)
-                    continue
-                nursery.start_soon(self._connection, stream)
+            try:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as e:  # EMFILE and friends: keep serving
+                        log.error("replication listener accept failed: %s", e)
+                        await trio.sleep(0.1)  # back off instead of spinning on it
+                        continue
+                    self._accepted(nursery, stream)
+            finally:
+                self._stop_all()
 
-    # -- one connection
+    def _accepted(self, nursery: trio.Nursery, stream: trio.SSLStream[trio.SocketStream]
+                  ) -> None:
+        sock = _blocking_socket(stream)
+        if sock is None:
+            return
+        with self._state_lock:
+            crowded = self._pending_handshakes >= MAX_PENDING_HANDSHAKES
+            if not crowded:
+                self._pending_handshakes += 1
+        if crowded:
+            self._refused(_peer_address(sock), "too many connections being authenticated")
+            sock.close()
+            return
+        conn = BlockingTls(sock, stream.context, server_side=True)
+        with self._state_lock:
+            self._live.add(conn)
+        nursery.start_soon(self._connection, conn)
 
-    async def _connection(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def _connection(self, conn: BlockingTls) -> None:
+        # Not abandoned on cancellation: serve() stops the threads, and what a session
+        # acknowledged must be applied before the receiver is gone.
+        await trio.to_thread.run_sync(self._connection_thread, conn)
+
+    def _stop_all(self) -> None:
+        with self._state_lock:
+            self._stopping = True
+            live = list(self._live)
+            current = self._current
+        if current is not None:
+            current.note_stop("the receiver is stopping")
+        for conn in live:
+            conn.shutdown_read()
+
+    # -- one connection (its own thread)
+
+    def _connection_thread(self, conn: BlockingTls) -> None:
+        address = _peer_address(conn.sock)
         try:
-            await self._handle(stream)
+            self._handle(conn, address)
         except Exception:
-            # One connection's failure must not take the receiver (and the daemon's
-            # replication loop) down with it.
-            log.exception("replication connection from %s failed", _address(stream))
+            # One connection's failure must not take the receiver down with it.
+            log.exception("replication connection from %s failed", address)
         finally:
-            await _close_quietly(stream)
+            with self._state_lock:
+                self._live.discard(conn)
+            conn.close()
 
-    async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        address = _address(stream)
-        self._pending_handshakes += 1
+    def _handle(self, conn: BlockingTls, address: str) -> None:
         try:
-            greeting = await self._greet(stream, address)
+            greeting = self._greet(conn, address)
         finally:
-            self._pending_handshakes -= 1
+            with self._state_lock:
+                self._pending_handshakes -= 1
         if greeting is None:
             return
-        node, hello, reader = greeting
-        session = _Session(node, int(hello.get("first_seq", 1)))
+        node, hello, parser, early = greeting
+        session = _Session(node, int(hello.get("first_seq", 1)), conn)
         # The newest authenticated connection wins: stop reading the current one, and let a
         # connection still waiting for the lock know it is superseded.
-        if self._current is not None:
-            self._current.stop(f"replaced by a new connection from {node} ({address})")
-        token = self._latest = object()
-        async with self._session_lock:
-            if self._latest is not token:
+        token = object()
+        with self._state_lock:
+            if self._current is not None:
+                self._current.stop(f"replaced by a new connection from {node} ({address})")
+            self._latest = token
+        with self._session_lock:
+            with self._state_lock:
+                superseded = self._latest is not token or self._stopping
+                if not superseded:
+                    self._current = session
+            if superseded:
                 log.info("replication connection from %s (%s) superseded before it started",
                          node, address)
                 return
-            self._current = session
             self.last_applied_seq = session.applied_seq
             self._counters["connections"] += 1
             try:
-                await self._serve_session(stream, reader, session, hello)
+                self._serve_session(session, parser, hello, early)
             finally:
-                self._current = None
-            if session.nack is not None:
-                await _linger(stream)
+                with self._state_lock:
+                    self._current = None
 
-    async def _greet(self, stream: trio.SSLStream[trio.SocketStream], address: str
-                     ) -> tuple[str, dict[str, Any], _FrameReader] | None:
-        """TLS handshake (certificate from the cluster CA) and the primary's HELLO."""
+    def _greet(self, conn: BlockingTls, address: str
+               ) -> tuple[str, dict[str, Any], _FrameParser, list[Frame]] | None:
+        """TLS handshake (certificate from the cluster CA) and the primary's HELLO; the ops
+        that came in the same read (a primary that did not wait for the reply), judged and
+        queued only once the HELLO is accepted."""
+        deadline = time.monotonic() + self._handshake_timeout
+        parser = _FrameParser()
         try:
-            with trio.fail_after(self._handshake_timeout):
-                _tune_socket(stream)
-                await stream.do_handshake()
-                node = tls.peer_node_name(stream.getpeercert())
-                reader = _FrameReader(stream)
-                frames = await reader.batch()
-        except trio.TooSlowError:
+            _tune_socket(conn.sock)
+            conn.handshake(self._handshake_timeout)
+            node = tls.peer_node_name(conn.getpeercert())
+            frames: list[Frame] = []
+            error: ProtocolError | None = None
+            while not frames and error is None:
+                data = conn.receive(max(0.001, deadline - time.monotonic()))
+                if not data:
+                    break
+                frames, error = parser.feed(data)
+            if error is not None and not frames:
+                raise error
+        except TimeoutError:
             self._refused(address, f"no TLS session and HELLO within {self._handshake_timeout:g} s")
             return None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProtocolError,
-                tls.TlsError) as e:
+        except (OSError, ProtocolError, tls.TlsError) as e:
             self._refused(address, _describe(e))
             return None
-        if not frames or not isinstance(frames[0], Hello) or len(frames) > 1:
+        if not frames or not isinstance(frames[0], Hello) or error:
             self._refused(address, f"{node} must send one HELLO and wait for the reply")
             return None
         hello = frames[0].info
         refusal = self._judge_hello(node, hello)
         if refusal is not None:
             self._refused(address, refusal)
-            with trio.move_on_after(FLUSH_TIMEOUT_S):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(encode(Nack(0, errno.EPERM, refusal)))
+            with contextlib.suppress(OSError):
+                conn.send(encode(Nack(0, errno.EPERM, refusal)))
             return None
-        return node, hello, reader
+        return node, hello, parser, frames[1:]
 
     def _judge_hello(self, node: str, hello: Mapping[str, Any]) -> str | None:
         if self._expected_peer is not None and node != self._expected_peer:
@@ -841,99 +926,119 @@ class ReplicaReceiver:
             return self._check_hello(node, hello)
         return None
 
-    async def _serve_session(self, stream: trio.SSLStream[trio.SocketStream],
-                             reader: _FrameReader, session: _Session,
-                             hello: Mapping[str, Any]) -> None:
-        try:
-            await stream.send_all(encode(Hello({
-                "protocol": PROTOCOL_VERSION, "node": self.node, "module": self._module,
-                "async": self.async_mode, "accepted": True})))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+    def _serve_session(self, session: _Session, parser: _FrameParser,
+                       hello: Mapping[str, Any], early: list[Frame]) -> None:
+        session.send([encode(Hello({
+            "protocol": PROTOCOL_VERSION, "node": self.node, "module": self._module,
+            "async": self.async_mode, "accepted": True}))])
+        if session.stop_reason:
             log.warning("replication connection from %s lost before it started: %s",
-                        session.node, _describe(e))
+                        session.node, session.stop_reason)
             return
         log.info("replication session from %s started (%s)", session.node, dict(hello))
         self._emit(PeerConnected(session.node, dict(hello)))
         queue = _ApplyQueue(self._queue_limit)
+        applier = threading.Thread(target=self._apply_loop, args=(session, queue),
+                                   name=f"mirrorha applier {session.node}", daemon=True)
+        applier.start()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._apply_loop, session, queue)
-                nursery.start_soon(self._ack_loop, session, stream)
-                try:
-                    with session.read_scope:
-                        await self._read_loop(session, reader, queue)
-                finally:
-                    queue.close()  # what was received is applied before the session ends
-                with trio.CancelScope(shield=True):
-                    await session.applied_all.wait()
-                session.finished = True
-                session.notify()
-                with trio.move_on_after(FLUSH_TIMEOUT_S):
-                    await session.flushed.wait()
-                nursery.cancel_scope.cancel()
+            with self._state_lock:
+                stopping = self._stopping
+            if stopping:
+                session.note_stop("the receiver is stopping")
+            else:
+                self._read_loop(session, parser, queue, early)
         finally:
+            queue.close()  # what was received is applied before the session ends
+            applier.join()
             reason = session.stop_reason or "session ended"
             log.info("replication session from %s ended: %s (applied up to seq %d)",
                      session.node, reason, session.applied_seq)
             self._emit(PeerDisconnected(session.node, reason, session.applied_seq))
 
-    async def _read_loop(self, session: _Session, reader: _FrameReader,
-                         queue: _ApplyQueue) -> None:
-        try:
-            while True:
-                frames = await reader.batch()
-                if not frames:
-                    session.stop(f"{session.node} closed the connection")
+    def _read_loop(self, session: _Session, parser: _FrameParser, queue: _ApplyQueue,
+                   early: list[Frame]) -> None:
+        conn = session.conn
+        heard = time.monotonic()
+        if early:
+            self._take(session, early, None, queue)
+        while True:
+            try:
+                data = conn.receive(READ_POLL_S)
+            except TimeoutError:
+                if session.nack is not None and _lingered(session.nack_at, heard):
                     return
-                for frame in frames:
-                    await self._receive(session, frame, queue)
-                # A batch ending with a durable op gets no receipt ack: its durable ack, moments
-                # later, covers it (one message each way less per fsync).
-                if self.async_mode == "second" and not (
-                        isinstance(frames[-1], Op) and frames[-1].durable):
-                    session.ack_seq = session.received_seq
-                    session.notify()
+                continue
+            except OSError as e:
+                session.note_stop(f"connection from {session.node} lost: {_describe(e)}")
+                return
+            if not data:
+                session.note_stop(f"{session.node} closed the connection")
+                return
+            heard = time.monotonic()
+            if session.nack is not None:
+                # Refused: read and drop what the primary still sends until it stops (for a
+                # while). Closing with unread data would reset the connection, and the
+                # primary could then see "connection reset" before it reads the NACK.
+                if _lingered(session.nack_at, heard):
+                    return
+                continue
+            self._take(session, *parser.feed(data), queue)
+
+    def _take(self, session: _Session, frames: list[Frame], error: ProtocolError | None,
+              queue: _ApplyQueue) -> None:
+        """Queue a batch of frames read together, then acknowledge its receipt."""
+        try:
+            for frame in frames:
+                if not self._receive(session, frame, queue):
+                    break  # the applier refused an op: nothing more is queued
+            if error is not None:
+                raise error
         except ProtocolError as e:
             self._refuse(session, Nack(session.received_seq + 1, errno.EPROTO, str(e)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            session.stop(f"connection from {session.node} lost: {_describe(e)}")
+            queue.close()  # the NACK follows the ops before it, once they are applied
+            return
+        # A batch ending with a durable op gets no receipt ack: its durable ack, moments
+        # later, covers it (one message each way less per fsync).
+        if (self.async_mode == "second" and frames and session.nack is None
+                and not (isinstance(frames[-1], Op) and frames[-1].durable)):
+            session.send([encode(Ack(session.received_seq, False))])
 
-    async def _receive(self, session: _Session, frame: Frame, queue: _ApplyQueue) -> None:
+    def _receive(self, session: _Session, frame: Frame, queue: _ApplyQueue) -> bool:
         if not isinstance(frame, Op):
             raise ProtocolError(f"unexpected {type(frame).__name__} frame from the primary")
         if frame.seq != session.received_seq + 1:
             raise ProtocolError(f"op seq {frame.seq} where {session.received_seq + 1} was due")
         self._counters["frames"] += 1
         self._counters["bytes"] += frame.size
-        await queue.put(frame)
+        if not queue.put(frame):
+            return False
         session.received_seq = frame.seq
+        return True
 
-    async def _apply_loop(self, session: _Session, queue: _ApplyQueue) -> None:
-        # Shielded: an op acknowledged on receipt must be applied even when the session or
-        # the whole receiver is being cancelled; the queue is bounded, so is the drain.
-        with trio.CancelScope(shield=True):
-            try:
-                while True:
-                    batch = await queue.take()
-                    if not batch:
-                        return
-                    done, error, answers = await in_worker(self._apply_batch, batch)
-                    for seq, payload in answers:
-                        session.replies.extend(_reply_frames(seq, payload))
-                    if done:
-                        self._applied(session, batch[done - 1], done)
-                    if error is not None:
-                        queue.discard()  # nothing after a refused op may be applied
-                        self._refuse(session, _nack_for(batch[done], error))
-                        return
-            finally:
-                session.applied_all.set()
-                session.notify()
+    def _apply_loop(self, session: _Session, queue: _ApplyQueue) -> None:
+        """The applier thread: in order, until the queue is closed and empty or an op fails;
+        the NACK last, after the acks of everything before the refused op."""
+        try:
+            while batch := queue.take():
+                done, error, answers = self._apply_batch(batch)
+                parts = [f for seq, payload in answers for f in _reply_frames(seq, payload)]
+                if done:
+                    parts.extend(self._applied(session, batch[done - 1], done))
+                session.send(parts)
+                if error is not None:
+                    queue.discard()  # nothing after a refused op may be applied
+                    self._refuse(session, _nack_for(batch[done], error))
+                    break
+        finally:
+            if session.nack is not None:
+                session.send([encode(session.nack)])
+                session.nack_at = time.monotonic()  # the reader lingers from now on
 
     def _apply_batch(self, batch: list[Op]
                      ) -> tuple[int, Exception | None, list[tuple[int, bytes]]]:
-        """In a worker thread: apply in order, stop at the first failure (index, error);
-        the answers of query ops (seq, payload)."""
+        """Apply in order, stop at the first failure (index, error); the answers of query ops
+        (seq, payload)."""
         answers: list[tuple[int, bytes]] = []
         for i, op in enumerate(batch):
             try:
@@ -949,54 +1054,26 @@ class ReplicaReceiver:
                 return i, e, answers
         return len(batch), None, answers
 
-    def _applied(self, session: _Session, last: Op, count: int) -> None:
+    def _applied(self, session: _Session, last: Op, count: int) -> list[bytes]:
+        """Note the batch applied up to `last`; the ack it earns."""
         session.applied_seq = self.last_applied_seq = last.seq
         self._counters["applied"] += count
         if last.durable:  # a batch ends right after its durable op
-            session.durable_seq = last.seq
+            return [encode(Ack(last.seq, True))]
         if self.async_mode == "none":
-            session.ack_seq = last.seq
-        session.notify()
+            return [encode(Ack(last.seq, False))]
+        return []
 
     def _refuse(self, session: _Session, nack: Nack) -> None:
+        if session.nack is not None:
+            return
         self._counters["rejected"] += 1
         session.nack = nack
         name = errno.errorcode.get(nack.errno, str(nack.errno))
         log.error("replication op %d from %s refused (%s): %s", nack.seq, session.node, name,
                   nack.message)
-        session.stop(f"op {nack.seq} refused ({name}): {nack.message}")
-        session.notify()
+        session.note_stop(f"op {nack.seq} refused ({name}): {nack.message}")
         self._emit(OpRefused(session.node, nack.seq, nack.errno, nack.message))
-
-    async def _ack_loop(self, session: _Session, stream: trio.SSLStream[trio.SocketStream]
-                        ) -> None:
-        """The only task writing to the stream after the greeting: coalesces the state into
-        at most one durable Ack, one Ack and the NACK per round."""
-        sent_ack = sent_durable = session.ack_seq
-        nack_sent = False
-        try:
-            while True:
-                parts, session.replies = session.replies, []
-                if session.durable_seq > sent_durable:
-                    sent_durable = session.durable_seq
-                    sent_ack = max(sent_ack, sent_durable)
-                    parts.append(encode(Ack(sent_durable, True)))
-                if session.ack_seq > sent_ack:
-                    sent_ack = session.ack_seq
-                    parts.append(encode(Ack(sent_ack, False)))
-                # The NACK last, once the ops before the refused one are applied and acked.
-                if session.nack is not None and not nack_sent and session.applied_all.is_set():
-                    nack_sent = True
-                    parts.append(encode(session.nack))
-                if parts:
-                    await stream.send_all(b"".join(parts))
-                    continue
-                if session.finished:
-                    session.flushed.set()
-                await session.changed.wait()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            session.stop(f"connection to {session.node} lost: {_describe(e)}")
-            session.flushed.set()
 
     # -- events
 
@@ -1014,19 +1091,22 @@ class ReplicaReceiver:
             log.exception("replication on_event callback failed")
 
 
-async def _linger(stream: trio.SSLStream[trio.SocketStream]) -> None:
-    """After a refusal: read and drop what the primary still sends until it stops (or a short
-    while passed). Closing with unread data would reset the connection, and the primary could
-    then see "connection reset" before it reads the NACK that says why."""
+def _lingered(nack_at: float, heard: float) -> bool:
+    """After a NACK: long enough, or the primary quiet long enough, to close."""
+    now = time.monotonic()
+    return now - nack_at >= LINGER_S or (now - heard >= LINGER_QUIET_S and now >= nack_at)
+
+
+def _blocking_socket(stream: trio.SSLStream[trio.SocketStream]) -> socket.socket | None:
+    """The accepted connection's socket, taken out of trio (which must not touch it again)."""
     transport = stream.transport_stream
-    with trio.move_on_after(LINGER_S):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            while True:
-                with trio.move_on_after(LINGER_QUIET_S) as quiet:
-                    if not await transport.receive_some(RECEIVE_CHUNK):
-                        return
-                if quiet.cancelled_caught:
-                    return  # nothing more coming: closing now resets nothing
+    try:
+        sock = socket.socket(fileno=transport.socket.detach())
+    except OSError as e:
+        log.error("replication connection lost at accept: %s", e)
+        return None
+    sock.setblocking(True)
+    return sock
 
 
 def _reply_frames(seq: int, payload: bytes) -> list[bytes]:
@@ -1044,11 +1124,10 @@ def _nack_for(op: Op, error: Exception) -> Nack:
     return Nack(op.seq, code, f"{op.kind.name} {op.path!r}: {error}")
 
 
-def _address(stream: trio.SSLStream[trio.SocketStream]) -> str:
-    transport = getattr(stream, "transport_stream", None)
+def _peer_address(sock: socket.socket) -> str:
     try:
-        host, port = transport.socket.getpeername()[:2]  # type: ignore[union-attr]
-    except (AttributeError, OSError):
+        host, port = sock.getpeername()[:2]
+    except OSError:
         return "?"
     return f"{host}:{port}"
 
