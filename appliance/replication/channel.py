@@ -182,7 +182,6 @@ class _FrameParser:
         frames: list[Frame] = []
         pos, end = 0, len(self._buf)
         self._need = 4
-        error = None
         try:
             with memoryview(self._buf) as view:
                 while end - pos >= 4:
@@ -194,10 +193,12 @@ class _FrameParser:
                     frames.append(decode(view[pos + 4:pos + size]))
                     pos += size
         except ProtocolError as e:
-            error = e
-            pos = end
+            # Nothing after a bad frame can be trusted. Its traceback still holds a view of
+            # the buffer (which could then not be resized): a new buffer, the error bare.
+            self._buf = bytearray()
+            return frames, e.with_traceback(None)
         del self._buf[:pos]
-        return frames, error
+        return frames, None
 
 
 class _FrameReader:
