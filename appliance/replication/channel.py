@@ -72,7 +72,7 @@ from appliance.replication.protocol import (
     encode_op,
     frame_length,
 )
-from appliance.replication.tlsio import BlockingTls
+from appliance.replication.tlsio import BlockingTls, TrioTls
 
 log = logging.getLogger("mirrorha.replication.channel")
 
@@ -94,6 +94,7 @@ QUERY_TIMEOUT_S = 300.0  # a LIST of a huge tree or SUMS of a huge file takes a 
 MAX_ANSWER_BYTES = 1 << 30  # memory a query's answer may take here
 APPLY_BATCH_OPS = 256  # ops handed to the applier thread per round trip
 APPLY_BATCH_BYTES = 4 * 1024 * 1024
+INLINE_APPLY_BYTES = 256 * 1024  # a durable batch up to this is applied by the reader itself
 # Half-open TCP (peer host died, no FIN) is noticed by the sender's ack timeout; keepalive lets
 # the receiver notice it too when idle, and frees the socket.
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 2, 3
@@ -285,7 +286,7 @@ class ReplicaSender:
         self._ack_timeout = ack_timeout_s
         self._connect_timeout = connect_timeout_s
         self._on_broken = on_broken
-        self._stream: trio.SSLStream[trio.SocketStream] | None = None
+        self._stream: TrioTls | None = None
         self._reader: _FrameReader | None = None
         # (frame, sent at once): durable and query frames are not held back by the cork
         self._send_q, self._recv_q = trio.open_memory_channel[tuple[bytes, bool]](float("inf"))
@@ -320,7 +321,7 @@ class ReplicaSender:
             with trio.fail_after(self._connect_timeout):
                 tcp = await trio.open_tcp_stream(self._host, self._port)
                 _tune_socket(tcp)
-                stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=self.peer)
+                stream = TrioTls(tcp, self._ssl_context, server_hostname=self.peer)
                 await stream.do_handshake()
                 await stream.send_all(encode(Hello({
                     "protocol": PROTOCOL_VERSION, "node": self.node, "module": self.module,
@@ -663,14 +664,23 @@ class _ApplyQueue:
             self._cond.notify_all()
             return True
 
-    def take(self) -> list[Op]:
-        """The ops available now, ending early after a durable op (acked as soon as done);
-        [] once closed and empty."""
+    @property
+    def empty(self) -> bool:
+        return not self._items
+
+    def wait(self) -> bool:
+        """Until something is queued (True) or the queue is closed and empty (False)."""
         with self._cond:
             while not self._items:
                 if self._closed:
-                    return []
+                    return False
                 self._cond.wait()
+            return True
+
+    def take(self) -> list[Op]:
+        """The ops available now (maybe none), ending early after a durable op (acked as soon
+        as done)."""
+        with self._cond:
             batch: list[Op] = []
             size = 0
             while self._items and len(batch) < APPLY_BATCH_OPS:
@@ -711,6 +721,11 @@ class _Session:
         self.nack_at = float("inf")  # when the NACK was sent
         self.stop_reason = ""
         self._send_failed = False
+        self.stopped = False
+        self.unsynced = 0  # bytes written by ops applied since the last durable op
+        # Held while a batch is applied, and by the applier thread while it takes one: with
+        # it and the queue empty, everything received so far is applied.
+        self.apply_lock = threading.Lock()
 
     def send(self, parts: list[bytes]) -> None:
         if not parts or self._send_failed:
@@ -726,8 +741,10 @@ class _Session:
             self.stop_reason = reason
 
     def stop(self, reason: str) -> None:
-        """Stop reading (what was received is still applied)."""
+        """Stop reading (what was received is still applied; what comes after is dropped,
+        even if already in the socket: a stopped session takes no new op)."""
         self.note_stop(reason)
+        self.stopped = True
         self.conn.shutdown_read()
 
 
@@ -823,7 +840,7 @@ class ReplicaReceiver:
             live = list(self._live)
             current = self._current
         if current is not None:
-            current.note_stop("the receiver is stopping")
+            current.stop("the receiver is stopping")
         for conn in live:
             conn.shutdown_read()
 
@@ -976,6 +993,8 @@ class ReplicaReceiver:
             if not data:
                 session.note_stop(f"{session.node} closed the connection")
                 return
+            if session.stopped:
+                return
             heard = time.monotonic()
             if session.nack is not None:
                 # Refused: read and drop what the primary still sends until it stops (for a
@@ -989,6 +1008,12 @@ class ReplicaReceiver:
     def _take(self, session: _Session, frames: list[Frame], error: ProtocolError | None,
               queue: _ApplyQueue) -> None:
         """Queue a batch of frames read together, then acknowledge its receipt."""
+        last = frames[-1] if frames else None
+        if (error is None and isinstance(last, Op) and last.kind is OpKind.FSYNC
+                and session.unsynced + sum(len(getattr(f, "data", b"")) for f in frames)
+                <= INLINE_APPLY_BYTES
+                and self._apply_inline(session, frames, queue)):
+            return
         try:
             for frame in frames:
                 if not self._receive(session, frame, queue):
@@ -1021,20 +1046,54 @@ class ReplicaReceiver:
         """The applier thread: in order, until the queue is closed and empty or an op fails;
         the NACK last, after the acks of everything before the refused op."""
         try:
-            while batch := queue.take():
-                done, error, answers = self._apply_batch(batch)
-                parts = [f for seq, payload in answers for f in _reply_frames(seq, payload)]
-                if done:
-                    parts.extend(self._applied(session, batch[done - 1], done))
-                session.send(parts)
-                if error is not None:
-                    queue.discard()  # nothing after a refused op may be applied
-                    self._refuse(session, _nack_for(batch[done], error))
-                    break
+            while queue.wait():
+                with session.apply_lock:
+                    batch = queue.take()
+                    if batch and not self._apply_and_ack(session, batch, queue):
+                        break
         finally:
             if session.nack is not None:
                 session.send([encode(session.nack)])
                 session.nack_at = time.monotonic()  # the reader lingers from now on
+
+    def _apply_inline(self, session: _Session, frames: list[Frame], queue: _ApplyQueue
+                      ) -> bool:
+        """Apply a batch ending with an FSYNC in the reader's own thread when nothing is
+        queued or being applied: the fsync's latency then has no hop to the applier thread and
+        back (measured: about 0.1 ms of 0.45). Only a short one (little written since the last
+        durable op): the reader reads nothing meanwhile, and a primary whose other writers
+        see no receipt ack for the ack timeout gives up. False, nothing done, otherwise."""
+        if not session.apply_lock.acquire(blocking=False):
+            return False
+        try:
+            if not queue.empty or session.nack is not None:
+                return False
+            batch: list[Op] = []
+            for frame in frames:
+                if not isinstance(frame, Op) or frame.seq != session.received_seq + 1 + len(batch):
+                    return False  # the queued path refuses it in order
+                batch.append(frame)
+            self._counters["frames"] += len(batch)
+            self._counters["bytes"] += sum(op.size for op in batch)
+            session.received_seq = batch[-1].seq
+            self._apply_and_ack(session, batch, queue)
+            return True
+        finally:
+            session.apply_lock.release()
+
+    def _apply_and_ack(self, session: _Session, batch: list[Op], queue: _ApplyQueue) -> bool:
+        """Apply a batch, then send its replies and ack; False if an op was refused (the queue
+        is then discarded: nothing after a refused op may be applied)."""
+        done, error, answers = self._apply_batch(batch)
+        parts = [f for seq, payload in answers for f in _reply_frames(seq, payload)]
+        if done:
+            parts.extend(self._applied(session, batch[:done]))
+        session.send(parts)
+        if error is None:
+            return True
+        queue.discard()
+        self._refuse(session, _nack_for(batch[done], error))
+        return False
 
     def _apply_batch(self, batch: list[Op]
                      ) -> tuple[int, Exception | None, list[tuple[int, bytes]]]:
@@ -1055,10 +1114,13 @@ class ReplicaReceiver:
                 return i, e, answers
         return len(batch), None, answers
 
-    def _applied(self, session: _Session, last: Op, count: int) -> list[bytes]:
-        """Note the batch applied up to `last`; the ack it earns."""
+    def _applied(self, session: _Session, done: list[Op]) -> list[bytes]:
+        """Note these ops applied; the ack they earn."""
+        last = done[-1]
         session.applied_seq = self.last_applied_seq = last.seq
-        self._counters["applied"] += count
+        self._counters["applied"] += len(done)
+        session.unsynced = 0 if last.durable else session.unsynced + sum(
+            len(op.data) for op in done)
         if last.durable:  # a batch ends right after its durable op
             return [encode(Ack(last.seq, True))]
         if self.async_mode == "none":

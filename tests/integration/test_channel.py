@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from appliance.replication import tls
 from appliance.replication.applier import Applier
@@ -247,6 +248,10 @@ def test_with_async_second_acknowledged_ops_are_applied_even_if_the_receiver_sto
                 await wait_for(lambda: sender.acked_seq == 201, "acks on receipt")
                 assert side.applier.applied == []  # acknowledged, not applied yet
                 side.scope.cancel()  # the secondary's daemon is stopping
+                # Its reader threads stop reading once the receiver's task has seen the
+                # cancellation; before that, the op below could still be taken (and rightly
+                # acknowledged).
+                await trio.testing.wait_all_tasks_blocked()
                 side.applier.apply_gate.set()
                 with pytest.raises(ReplicaBroken):
                     await sender.submit(fsync("f"))
