@@ -579,9 +579,16 @@ def test_a_huge_chunked_body_is_refused_by_the_real_server(tmp_path: Path) -> No
             body = json.dumps({"username": "admin", "password": "x" * size}).encode()
             conn = http.client.HTTPSConnection("127.0.0.1", port, context=unverified(),
                                                timeout=30)
-            conn.request("POST", "/api/v1/login", encode_chunked=True,
-                         body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
-                         headers={"Content-Type": "application/json"})
+            try:
+                conn.request("POST", "/api/v1/login", encode_chunked=True,
+                             body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                             headers={"Content-Type": "application/json"})
+            except (ssl.SSLError, ConnectionError) as e:
+                # The server answered at the limit and closed while the rest was still being
+                # sent (seen on a loaded machine): it did not read the body through either.
+                assert size > 10, f"the small body could not be sent: {e}"
+                conn.close()
+                continue
             assert conn.getresponse().status in expected, size
             conn.close()
 
