@@ -300,6 +300,8 @@ class ReplicaSender:
         self._acked_seq = first_seq - 1
         self._durable_seq = first_seq - 1
         self._max_durable_seq = first_seq - 1
+        self._sent_seq = first_seq - 1  # handed to the socket
+        self._sent_wanted = False  # a submitter waits for _sent_seq to move
         self._in_flight: deque[tuple[int, Op, float]] = deque()  # (seq, op, time admitted)
         self._in_flight_bytes = 0
         self._last_progress = time.monotonic()
@@ -380,10 +382,15 @@ class ReplicaSender:
 
     # -- submitting
 
-    async def submit(self, op: Op) -> None:
+    async def submit(self, op: Op, meanwhile: Callable[[], None] | None = None) -> None:
         """Send `op` (its seq is assigned here); see the module docstring for when this returns.
-        Raises ReplicaBroken, or ProtocolError for an op that cannot be encoded (not sent)."""
-        await self._submit(op)
+        Raises ReplicaBroken, or ProtocolError for an op that cannot be encoded (not sent).
+
+        `meanwhile`, for a durable op: called once the op has left for the secondary and
+        before its ack is awaited (to start the local fsync then: started before, its thread
+        competes with the sending for the interpreter). Not called if the stream breaks
+        first."""
+        await self._submit(op, meanwhile)
 
     async def query(self, op: Op, timeout_s: float = QUERY_TIMEOUT_S) -> bytes:
         """Send a query op (LIST, SUMS) in its place in the stream and return the secondary's
@@ -405,7 +412,7 @@ class ReplicaSender:
         del self._queries[seq]
         return b"".join(parts)
 
-    async def _submit(self, op: Op) -> int:
+    async def _submit(self, op: Op, meanwhile: Callable[[], None] | None = None) -> int:
         self._raise_if_broken()
         if self._stream is None:
             raise ReplicaBroken(f"replication to {self.peer} is not connected")
@@ -423,6 +430,12 @@ class ReplicaSender:
             # queued before the writer runs and leaves in a few large TLS writes.
             seq = self._admit(op)
         if op.durable:
+            if meanwhile is not None:
+                while self._sent_seq < seq:
+                    self._raise_if_broken()
+                    self._sent_wanted = True
+                    await self._changed.wait()
+                meanwhile()
             while self._durable_seq < seq:
                 self._raise_if_broken()
                 await self._changed.wait()
@@ -506,6 +519,10 @@ class ReplicaSender:
                             parts.append(more)
                             urgent = self._gather(parts, urgent)
                 await self._stream.send_all(frame if len(parts) == 1 else b"".join(parts))
+                self._sent_seq += len(parts)  # frames leave in seq order
+                if self._sent_wanted:
+                    self._sent_wanted = False
+                    self._notify()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._break(f"replication stream to {self.peer} broke while sending: {_describe(e)}")
         except trio.EndOfChannel:

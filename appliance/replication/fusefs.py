@@ -68,7 +68,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import pyfuse3
 import trio
@@ -90,7 +90,12 @@ from appliance.replication.protocol import (
     encode_op,
     frame_length,
 )
-from appliance.replication.workers import in_worker, keep_large_buffers
+from appliance.replication.workers import (
+    idle_worker,
+    in_worker,
+    keep_large_buffers,
+    worker_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +129,14 @@ class OpSink(Protocol):
         secondary's durable ack, for others once accepted into the pipeline window. Must take
         the op's place in the stream before its first checkpoint (see module docstring).
         Raises OSError(errno) when the application's call must fail."""
+        ...
+
+
+@runtime_checkable
+class OverlappingSink(OpSink, Protocol):
+    async def submit_overlapped(self, op: Op, local: Callable[[], None]) -> None:
+        """submit(op) for a durable op, calling `local` exactly once: when the op has left
+        for the secondary (or at once when it will not), so that both disks work at once."""
         ...
 
 
@@ -913,6 +926,11 @@ class ReplicatedFs(pyfuse3.Operations):
         loop to get the op on its way, and other requests are served meanwhile."""
         sync = os.fdatasync if datasync else os.fsync
         errors: list[OSError] = []
+        if op is not None and isinstance(self._sink, OverlappingSink):
+            await self._fsync_overlapped(self._sink, sync, fd, op, errors)
+            if errors:
+                raise errors[0]
+            return
         waiter = None
         if op is not None and isinstance(self._sink, SocketSink):
             try:
@@ -950,6 +968,29 @@ class ReplicatedFs(pyfuse3.Operations):
                 errors.append(e)
         if errors:
             raise errors[0]
+
+    async def _fsync_overlapped(self, sink: OverlappingSink, sync: Callable[[int], None],
+                                fd: int, op: Op, errors: list[OSError]) -> None:
+        """The local fsync in a worker thread started by the sink once the op has left (the
+        sink needs this loop to send it, and a thread started before competes with the
+        sending for the interpreter: measured, 0.1 ms more to get a 4 KiB frame out)."""
+        worker = idle_worker()
+
+        def start() -> None:
+            self._thread_syncs += 1
+            worker.start(sync, fd)
+
+        try:
+            await sink.submit_overlapped(op, start)
+        except OSError as e:
+            errors.append(e)
+        finally:
+            try:
+                await worker_result(worker)  # started by now: exactly once, whatever happened
+            except OSError as e:
+                errors.insert(0, e)
+            finally:
+                self._thread_syncs -= 1
 
     # -- extended attributes: not replicated, so refused ----------------------------------------
 

@@ -959,7 +959,24 @@ class ReplicationService:
         finally:
             self.op_stats.waited(op, time.perf_counter() - started)
 
-    async def _submit(self, op: Op) -> None:
+    async def submit_overlapped(self, op: Op, local: Callable[[], None]) -> None:
+        """fusefs.OverlappingSink: a durable op and the local work that goes with it (starting
+        the fsync of the same file), `local` called exactly once: when the op has left for
+        the secondary, or at once when there is no stream."""
+        pending = [local]
+
+        def once() -> None:
+            if pending:
+                pending.pop()()
+
+        started = time.perf_counter()
+        try:
+            await self._submit(op, once)
+        finally:
+            once()
+            self.op_stats.waited(op, time.perf_counter() - started)
+
+    async def _submit(self, op: Op, meanwhile: Callable[[], None] | None = None) -> None:
         if self.role != "primary":
             raise OSError(30, "read-only: this node is not the primary")  # EROFS
         # No live stream (alone, or a copy under way): the journal records the op; a durable
@@ -968,7 +985,7 @@ class ReplicationService:
         if sender is not None and sender.broken is None:
             self.journal.note(op)
             try:
-                await sender.submit(op)
+                await sender.submit(op, meanwhile)
                 self.op_stats.replicated(op)
                 return
             except ReplicaBroken:
@@ -979,6 +996,8 @@ class ReplicationService:
         else:
             self.journal.record(op)
         if op.durable:
+            if meanwhile is not None:
+                meanwhile()
             await self._until_alone_is_known(op)
 
     async def _until_alone_is_known(self, op: Op) -> None:

@@ -43,7 +43,14 @@ class BlockingWorker:
         os.close(self._efd)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        self.start(fn, *args)
+        return await self.result()  # type: ignore[no-any-return]
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Start fn(*args) in the thread; `result()` waits for it."""
         self._jobs.put((fn, args))
+
+    async def result(self) -> Any:
         while True:
             await trio.lowlevel.wait_readable(self._efd)
             try:
@@ -55,7 +62,7 @@ class BlockingWorker:
         self._result = self._error = None
         if error is not None:
             raise error
-        return result  # type: ignore[no-any-return]
+        return result
 
     def stop(self) -> None:
         self._jobs.put(None)  # after the call it may still run: closes its eventfd then
@@ -67,12 +74,22 @@ _idle_lock = threading.Lock()  # trio loops of several threads share the list
 
 async def in_worker(fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) in an idle BlockingWorker (started if none is idle)."""
+    worker = idle_worker()
+    worker.start(fn, *args)
+    return await worker_result(worker)  # type: ignore[no-any-return]
+
+
+def idle_worker() -> BlockingWorker:
+    """A worker for one job: `start` it, then `await worker_result(worker)` (which gives it
+    back): for a call that must begin at a moment of the caller's choosing."""
     with _idle_lock:
         worker = _idle.pop() if _idle else None
-    if worker is None:
-        worker = BlockingWorker()
+    return worker if worker is not None else BlockingWorker()
+
+
+async def worker_result(worker: BlockingWorker) -> Any:
     try:
-        result = await worker.call(fn, *args)
+        result = await worker.result()
     except BaseException as e:
         if isinstance(e, trio.Cancelled):
             worker.stop()  # cancelled while fn may still run: not reused
