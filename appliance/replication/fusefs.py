@@ -221,6 +221,8 @@ class ReplicatedFs(pyfuse3.Operations):
         self._root_ino = st.st_ino
         self._root_dev = st.st_dev
         self._sink = sink
+        # A runtime Protocol check costs about 10 us: once, not per fsync.
+        self._overlapping = sink if isinstance(sink, OverlappingSink) else None
         self._read_only = read_only
         self._nodes: dict[int, _Node] = {ROOT: _Node(is_dir=True, lookups=1)}
         self._files: dict[int, _File] = {}
@@ -926,8 +928,8 @@ class ReplicatedFs(pyfuse3.Operations):
         loop to get the op on its way, and other requests are served meanwhile."""
         sync = os.fdatasync if datasync else os.fsync
         errors: list[OSError] = []
-        if op is not None and isinstance(self._sink, OverlappingSink):
-            await self._fsync_overlapped(self._sink, sync, fd, op, errors)
+        if op is not None and self._overlapping is not None:
+            await self._fsync_overlapped(self._overlapping, sync, fd, op, errors)
             if errors:
                 raise errors[0]
             return
