@@ -59,6 +59,7 @@ from appliance.errors import MirrorhaError
 from appliance.replication import tls
 from appliance.replication.protocol import (
     MAX_REPLY,
+    ZERO_COPY_BYTES,
     Ack,
     Frame,
     Hello,
@@ -69,7 +70,7 @@ from appliance.replication.protocol import (
     Reply,
     decode,
     encode,
-    encode_op,
+    encode_op_parts,
     frame_length,
 )
 from appliance.replication.tlsio import BlockingTls, TrioTls
@@ -254,6 +255,38 @@ async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
 
 # ------------------------------------------------------------------------------- primary side
 
+class _SendBatch:
+    """Frames leaving in one send, as the buffers they are made of (a large write's data is
+    its own buffer: joined, it would be copied once more)."""
+
+    def __init__(self, first: tuple[bytes, ...]) -> None:
+        self.buffers: list[bytes] = []
+        self.frames = self.size = 0
+        self.add(first)
+
+    def add(self, frame: tuple[bytes, ...]) -> None:
+        self.buffers.extend(frame)
+        self.frames += 1
+        self.size += sum(map(len, frame))
+
+    def parts(self) -> list[bytes]:
+        """The buffers with each run of small ones joined: one TLS record per part at least,
+        and small records cost both sides more than the copy."""
+        out: list[bytes] = []
+        run: list[bytes] = []
+        for buf in self.buffers:
+            if len(buf) < ZERO_COPY_BYTES:
+                run.append(buf)
+                continue
+            if run:
+                out.append(run[0] if len(run) == 1 else b"".join(run))
+                run = []
+            out.append(buf)
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+        return out
+
+
 class ReplicaSender:
     """The primary's end of one module's replication stream.
 
@@ -288,8 +321,9 @@ class ReplicaSender:
         self._on_broken = on_broken
         self._stream: TrioTls | None = None
         self._reader: _FrameReader | None = None
-        # (frame, sent at once): durable and query frames are not held back by the cork
-        self._send_q, self._recv_q = trio.open_memory_channel[tuple[bytes, bool]](float("inf"))
+        # (frame's buffers, sent at once): durable and query frames are not held back by the cork
+        self._send_q, self._recv_q = trio.open_memory_channel[tuple[tuple[bytes, ...], bool]](
+            float("inf"))
         self._admission = trio.Lock()  # FIFO: seq order is the order submit() was called
         self._changed = trio.Event()
         self._timeout_changed = trio.Event()
@@ -448,7 +482,7 @@ class ReplicaSender:
     def _admit(self, op: Op) -> int:
         """Number, encode and queue `op` (no await: the seq order is the queue order)."""
         seq = self._next_seq
-        frame = encode_op(op, seq)  # raises before the seq is consumed
+        frame = encode_op_parts(op, seq)  # raises before the seq is consumed
         self._next_seq += 1
         now = time.monotonic()
         idle = not self._outstanding()
@@ -506,20 +540,19 @@ class ReplicaSender:
         assert self._stream is not None
         try:
             async for frame, urgent in self._recv_q:
-                parts, size = [frame], len(frame)
-                urgent = self._gather(parts, urgent)
-                size = sum(map(len, parts))
-                if not urgent and size < SEND_BATCH_BYTES:
+                batch = _SendBatch(frame)
+                urgent = self._gather(batch, urgent)
+                if not urgent and batch.size < SEND_BATCH_BYTES:
                     # Cork: nobody waits for an ordinary op, and the durable op that usually
                     # follows it (write, then fsync) arrives within microseconds. Sent together
                     # they cost the secondary one read, one apply round and one ack, not two.
                     with trio.move_on_after(CORK_S):
-                        while not urgent and sum(map(len, parts)) < SEND_BATCH_BYTES:
+                        while not urgent and batch.size < SEND_BATCH_BYTES:
                             more, urgent = await self._recv_q.receive()
-                            parts.append(more)
-                            urgent = self._gather(parts, urgent)
-                await self._stream.send_all(frame if len(parts) == 1 else b"".join(parts))
-                self._sent_seq += len(parts)  # frames leave in seq order
+                            batch.add(more)
+                            urgent = self._gather(batch, urgent)
+                await self._stream.send_parts(batch.parts())
+                self._sent_seq += batch.frames  # frames leave in seq order
                 if self._sent_wanted:
                     self._sent_wanted = False
                     self._notify()
@@ -528,17 +561,15 @@ class ReplicaSender:
         except trio.EndOfChannel:
             pass  # closed while corked: the stream is broken or closing, nothing to send
 
-    def _gather(self, parts: list[bytes], urgent: bool) -> bool:
-        """Append the frames queued now to `parts` (up to SEND_BATCH_BYTES); whether one of
+    def _gather(self, batch: _SendBatch, urgent: bool) -> bool:
+        """Add the frames queued now to the batch (up to SEND_BATCH_BYTES); whether one of
         them must leave at once."""
-        size = sum(map(len, parts))
-        while size < SEND_BATCH_BYTES:
+        while batch.size < SEND_BATCH_BYTES:
             try:
                 more, now = self._recv_q.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-            parts.append(more)
-            size += len(more)
+            batch.add(more)
             urgent = urgent or now
         return urgent
 

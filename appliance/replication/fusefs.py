@@ -61,12 +61,11 @@ import os
 import re
 import signal
 import stat
-import struct
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -87,7 +86,7 @@ from appliance.replication.protocol import (
     SetattrField,
     decode,
     encode,
-    encode_op,
+    encode_op_parts,
     frame_length,
 )
 from appliance.replication.workers import (
@@ -1302,25 +1301,6 @@ async def _frames(stream: trio.abc.ReceiveStream) -> AsyncIterator[Any]:
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = 1024
-_U32 = struct.Struct(">I")
-_ZERO_COPY_BYTES = 32 * 1024  # a write's data from this size on is sent from its own buffer
-
-
-def _op_frame(op: Op, seq: int) -> list[Buffer]:
-    """encode(replace(op, seq=seq)) as buffers to send one after the other: for a large write,
-    the frame up to its data, then the data object itself (not copied). Relies on the wire
-    format of protocol.py: the op body's fixed part ends with u32 len(data), then come path,
-    path2 and the data (tests/unit/test_fusefs_framing.py checks it byte for byte)."""
-    data = op.data
-    if len(data) < _ZERO_COPY_BYTES:
-        return [encode_op(op, seq)]
-    head = bytearray(encode_op(replace(op, data=b""), seq))
-    _U32.pack_into(head, 0, len(head) - 4 + len(data))
-    names = len(os.fsencode(op.path)) + len(os.fsencode(op.path2))
-    _U32.pack_into(head, len(head) - names - 4, len(data))
-    return [head, data]
-
-
 class _FrameWriter:
     """Sends frames on `stream` in the order they are given.
 
@@ -1442,7 +1422,7 @@ class SocketSink:
         if self._broken is not None:
             raise OSError(errno.EIO, self._broken)
         seq = self._next_seq
-        frame = _op_frame(op, seq)
+        frame = encode_op_parts(op, seq)
         self._next_seq += 1
         waiter = self._waiting[seq] = _Waiter(sum(len(b) for b in frame), op.durable)
         self._in_flight += waiter.size

@@ -28,7 +28,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -62,9 +62,11 @@ class _TlsCore:
                 done = False
             return done, self._out.read()
 
-    def encrypt(self, data: bytes) -> bytes:
+    def encrypt(self, *parts: bytes) -> bytes:
+        """The records of parts, in order (a large part is read in place, not copied)."""
         with self._lock:
-            self._tls.write(data)
+            for part in parts:
+                self._tls.write(part)
             return self._out.read()
 
     def feed(self, data: bytes) -> None:
@@ -206,7 +208,7 @@ class TrioTls(trio.abc.Stream):
     async def do_handshake(self) -> None:
         while True:
             done, out = self._guard(self._core.handshake_step)
-            await self._write(out)
+            await self._write((out,))
             if done:
                 return
             await self._fill()
@@ -215,7 +217,11 @@ class TrioTls(trio.abc.Stream):
         return self._core.getpeercert()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._write(bytes(data), encrypt=True)
+        await self._write((bytes(data),), encrypt=True)
+
+    async def send_parts(self, parts: Sequence[bytes]) -> None:
+        """send_all(b"".join(parts)) without the join."""
+        await self._write(tuple(parts), encrypt=True)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -225,7 +231,7 @@ class TrioTls(trio.abc.Stream):
         limit here); b"" at the end of the session."""
         while True:
             parts, out = self._guard(self._core.decrypt)
-            await self._write(out)
+            await self._write((out,))
             if parts:
                 return b"".join(parts)
             if self._core.eof:
@@ -235,14 +241,14 @@ class TrioTls(trio.abc.Stream):
     async def aclose(self) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(
                 trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            await self._write(self._core.goodbye())
+            await self._write((self._core.goodbye(),))
         await self.transport_stream.aclose()
 
     async def _fill(self) -> None:
         self._core.feed(await self.transport_stream.receive_some(RECEIVE_BYTES))
 
-    async def _write(self, data: bytes, *, encrypt: bool = False) -> None:
-        if not data:
+    async def _write(self, parts: tuple[bytes, ...], *, encrypt: bool = False) -> None:
+        if not any(parts):
             return
         while self._sending:
             self._waiting += 1
@@ -253,7 +259,7 @@ class TrioTls(trio.abc.Stream):
         self._sending = True
         try:
             # Encrypted only now, with the stream ours: records leave in the order they are made.
-            out = self._guard(self._core.encrypt, data) if encrypt else data
+            out = self._guard(self._core.encrypt, *parts) if encrypt else b"".join(parts)
             await self.transport_stream.send_all(out)
         finally:
             self._sending = False

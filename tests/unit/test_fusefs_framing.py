@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from appliance.replication.fusefs import _frames, _FrameWriter, _op_frame
-from appliance.replication.protocol import Ack, Hello, Op, OpKind, encode
+from appliance.replication.fusefs import _frames, _FrameWriter
+from appliance.replication.protocol import Ack, Hello, Op, OpKind, encode, encode_op_parts
 
 NON_UTF8 = os.fsdecode(b"r\xe9pertoire/\xff\xfe")
 OPS = [
@@ -26,8 +26,8 @@ OPS = [
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.kind.name}-{len(op.data)}")
-def test_op_frame_is_the_encoding_with_the_seq(op: Op) -> None:
-    parts = _op_frame(op, 0x0102030405060708)
+def test_op_parts_are_the_encoding_with_the_seq(op: Op) -> None:
+    parts = encode_op_parts(op, 0x0102030405060708)
     assert b"".join(parts) == encode(replace(op, seq=0x0102030405060708))
     if len(op.data) >= 32 * 1024:
         assert parts[-1] is op.data  # sent from its own buffer, not copied
