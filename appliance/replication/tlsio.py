@@ -42,7 +42,12 @@ CLOSE_TIMEOUT_S = 1.0
 
 
 class _TlsCore:
-    """The TLS object and its two memory buffers; every method is short and does no I/O."""
+    """The TLS object and its two memory buffers; every method is short and does no I/O.
+
+    What the TLS object produces waits in the outgoing buffer, in the order it was made, until
+    a sender takes it: the caller must send what `encrypt`, `pending_out` and `goodbye`
+    return before another sender takes the next (hence the send locks below). A record made
+    while reading (a TLS 1.3 key update answered) then leaves before any made after it."""
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None) -> None:
@@ -52,15 +57,19 @@ class _TlsCore:
         self._lock = threading.Lock()
         self.eof = False
 
-    def handshake_step(self) -> tuple[bool, bytes]:
-        """One handshake step: (done, what to send now); ssl.SSLError if it failed."""
+    def handshake_step(self) -> bool:
+        """One handshake step (then send `pending_out()`): whether it is complete;
+        ssl.SSLError if it failed."""
         with self._lock:
             try:
                 self._tls.do_handshake()
-                done = True
             except ssl.SSLWantReadError:
-                done = False
-            return done, self._out.read()
+                return False
+            return True
+
+    def pending_out(self) -> bytes:
+        with self._lock:
+            return self._out.read()
 
     def encrypt(self, *parts: bytes) -> bytes:
         """The records of parts, in order (a large part is read in place, not copied)."""
@@ -77,10 +86,11 @@ class _TlsCore:
             else:
                 self._in.write_eof()
 
-    def decrypt(self) -> tuple[list[bytes], bytes]:
-        """The plaintext of every complete record fed so far, and what must be sent back (a
-        TLS 1.3 key update answered while reading, normally nothing). Notes a clean or
-        unclean end of the session in `eof`; other TLS errors raise ssl.SSLError."""
+    def decrypt(self) -> tuple[list[bytes], bool]:
+        """The plaintext of every complete record fed so far, and whether something must be
+        sent back (`pending_out`: a TLS 1.3 key update answered while reading, normally
+        nothing). Notes a clean or unclean end of the session in `eof`; other TLS errors
+        raise ssl.SSLError."""
         parts: list[bytes] = []
         with self._lock:
             while True:
@@ -95,7 +105,7 @@ class _TlsCore:
                     self.eof = True
                     break
                 parts.append(chunk)
-            return parts, self._out.read() if self._out.pending else b""
+            return parts, bool(self._out.pending)
 
     def goodbye(self) -> bytes:
         """The close_notify to send (the peer's is not waited for)."""
@@ -130,8 +140,8 @@ class BlockingTls:
         otherwise). The socket is left blocking without a timeout."""
         deadline = time.monotonic() + timeout_s
         while True:
-            done, out = self._core.handshake_step()
-            self._write(out)
+            done = self._core.handshake_step()
+            self._flush()
             if done:
                 break
             self._fill(deadline)
@@ -146,8 +156,9 @@ class BlockingTls:
         nothing complete. Only one thread may receive."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            parts, out = self._core.decrypt()
-            self._write(out)
+            parts, pending = self._core.decrypt()
+            if pending:
+                self._flush()
             if parts:
                 return b"".join(parts)
             if self._core.eof:
@@ -166,8 +177,8 @@ class BlockingTls:
 
     def close(self) -> None:
         """Say goodbye (TLS close_notify, best effort) and close the socket."""
-        with contextlib.suppress(OSError):
-            self._write(self._core.goodbye())
+        with contextlib.suppress(OSError), self._send_lock:
+            self._wsock.sendall(self._core.goodbye())
         for sock in (self._wsock, self.sock):
             with contextlib.suppress(OSError):
                 sock.close()
@@ -178,9 +189,10 @@ class BlockingTls:
         self._set_timeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
         self._core.feed(self.sock.recv(RECEIVE_BYTES))  # TimeoutError past the deadline
 
-    def _write(self, out: bytes) -> None:
-        if out:
-            with self._send_lock:
+    def _flush(self) -> None:
+        with self._send_lock:
+            out = self._core.pending_out()
+            if out:
                 self._wsock.sendall(out)
 
     def _set_timeout(self, timeout: float | None) -> None:
@@ -207,8 +219,8 @@ class TrioTls(trio.abc.Stream):
 
     async def do_handshake(self) -> None:
         while True:
-            done, out = self._guard(self._core.handshake_step)
-            await self._write((out,))
+            done = self._guard(self._core.handshake_step)
+            await self._write(())
             if done:
                 return
             await self._fill()
@@ -217,11 +229,11 @@ class TrioTls(trio.abc.Stream):
         return self._core.getpeercert()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._write((bytes(data),), encrypt=True)
+        await self._write((bytes(data),))
 
     async def send_parts(self, parts: Sequence[bytes]) -> None:
         """send_all(b"".join(parts)) without the join."""
-        await self._write(tuple(parts), encrypt=True)
+        await self._write(tuple(parts))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -230,8 +242,9 @@ class TrioTls(trio.abc.Stream):
         """Every complete record's plaintext after one transport read (max_bytes is not a
         limit here); b"" at the end of the session."""
         while True:
-            parts, out = self._guard(self._core.decrypt)
-            await self._write((out,))
+            parts, pending = self._guard(self._core.decrypt)
+            if pending:
+                await self._write(())
             if parts:
                 return b"".join(parts)
             if self._core.eof:
@@ -241,15 +254,15 @@ class TrioTls(trio.abc.Stream):
     async def aclose(self) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT_S), contextlib.suppress(
                 trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            await self._write((self._core.goodbye(),))
+            await self._write((), goodbye=True)
         await self.transport_stream.aclose()
 
     async def _fill(self) -> None:
         self._core.feed(await self.transport_stream.receive_some(RECEIVE_BYTES))
 
-    async def _write(self, parts: tuple[bytes, ...], *, encrypt: bool = False) -> None:
-        if not any(parts):
-            return
+    async def _write(self, parts: tuple[bytes, ...], *, goodbye: bool = False) -> None:
+        """Encrypt parts and send, with whatever the TLS object made before them (nothing to
+        encrypt: only that)."""
         while self._sending:
             self._waiting += 1
             try:
@@ -258,9 +271,16 @@ class TrioTls(trio.abc.Stream):
                 self._waiting -= 1
         self._sending = True
         try:
-            # Encrypted only now, with the stream ours: records leave in the order they are made.
-            out = self._guard(self._core.encrypt, *parts) if encrypt else b"".join(parts)
-            await self.transport_stream.send_all(out)
+            # Taken from the TLS object only now, with the stream ours: records leave in the
+            # order they were made.
+            if goodbye:
+                out = self._core.goodbye()
+            elif parts:
+                out = self._guard(self._core.encrypt, *parts)
+            else:
+                out = self._core.pending_out()
+            if out:
+                await self.transport_stream.send_all(out)
         finally:
             self._sending = False
             if self._waiting:
