@@ -677,7 +677,7 @@ class ReplicationService:
                 self._write_journal()
                 what = self._incoming.get("what", "copy")
                 mib = self._incoming.get("bytes", 0) / 1048576
-                detail = f"{what} from {self.s.peer}: {mib:.1f} MiB of data in {took:.2f} s"
+                detail = f"{what} from {self.s.peer}: {mib:.1f} MiB of data in {took:.3f} s"
                 self._receiving = False
                 self.say(f"{detail}; this copy is now identical")
                 self.post(cluster.ResyncDone(detail))
@@ -814,7 +814,7 @@ class ReplicationService:
         self.counters["resyncs"] += 1
         self.counters["resync_bytes"] += total
         self.say(f"full resync to {self.s.peer}: {total} bytes of data in "
-                 f"{time.monotonic() - started:.2f} s")
+                 f"{time.monotonic() - started:.3f} s")
 
     async def _reintegrate(self, base: list[Any] | None) -> None:
         started = time.monotonic()

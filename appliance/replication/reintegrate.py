@@ -485,5 +485,5 @@ def describe(stats: Stats, took: float) -> str:
                      "compared by checksums")
     if stats.made or stats.removed:
         parts.append(f"{stats.made} entries made, {stats.removed} removed")
-    return ", ".join(parts) + f", {took:.2f} s"
+    return ", ".join(parts) + f", {took:.3f} s"
 
