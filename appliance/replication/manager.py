@@ -692,6 +692,8 @@ class ReplicationService:
                 self.say(f"replication stream from {node} connected")
             case PeerDisconnected(node=node, reason=reason):
                 self._receiving = False  # an unfinished copy is redone from its start
+                if self._applier is not None:
+                    self._applier.early_writeback = False
                 self.say(f"replication stream from {node} ended: {reason}")
             case OpRefused(seq=seq, message=message):
                 self.say(f"refused replicated op #{seq}: {message}")
@@ -1028,8 +1030,10 @@ class _MarkedApplier:
     def apply(self, op: Op) -> None:
         if op.kind is OpKind.RESYNC_DONE:
             self._applier.sync()  # "in sync" only once the whole copy is on this disk
+            self._applier.early_writeback = False
         if op.kind in (OpKind.RESET, OpKind.REINT_BEGIN):
             self._on_marker(op)  # before: the copy stops being trusted first
+            self._applier.early_writeback = True
         self._applier.apply(op)
         self._on_op(op)
         if op.kind is OpKind.RESYNC_DONE:
