@@ -6,13 +6,8 @@ concurrent callers) and returns
 
 - for an ordinary op, as soon as it fits in the in-flight window (bytes sent but not yet
   acknowledged): many writes are in flight at once, and a full window is the backpressure;
-- for a SYNC barrier, and for an FSYNC when the secondary runs with async "none", once the
-  secondary acknowledged it durably, i.e. applied it and everything before it, and did the
-  fsync/syncfs;
-- for an FSYNC when the secondary runs with async "second" (the reference's setting), once it
-  acknowledged its receipt: queued in its memory in order, it will be applied and fsynced
-  there (issue 4's contract; the durable ack that follows still counts for the ack timeout,
-  so a secondary whose disk hangs is still given up on in time).
+- for a durable op (FSYNC, SYNC), once the secondary acknowledged it durably, i.e. applied it
+  and everything before it, and did the fsync/syncfs.
 
 The sender never lets the application hang on a dead or stalled peer: no acknowledgement for
 `ack_timeout_s` while something is outstanding, a broken stream or a NACK marks it broken; every
@@ -339,10 +334,6 @@ class ReplicaSender:
         self._acked_seq = first_seq - 1
         self._durable_seq = first_seq - 1
         self._max_durable_seq = first_seq - 1
-        # The secondary acknowledges an FSYNC on receipt (async="second"): queued in its
-        # memory, in order, it will be applied and fsynced there; a SYNC barrier still waits
-        # for its disk.
-        self._fsync_on_receipt = False
         self._sent_seq = first_seq - 1  # handed to the socket
         self._sent_wanted = False  # a submitter waits for _sent_seq to move
         self._in_flight: deque[tuple[int, Op, float]] = deque()  # (seq, op, time admitted)
@@ -386,7 +377,6 @@ class ReplicaSender:
                 if reply[1:]:
                     await self._discard(tcp)
                     raise ReplicaBroken(f"{where} sent frames before any op")
-                self._fsync_on_receipt = info.get("async") == "second"
                 return dict(info)
             case [Nack(message=message)]:
                 reason = f"{where} refused the replication connection: {message}"
@@ -480,14 +470,9 @@ class ReplicaSender:
                     self._sent_wanted = True
                     await self._changed.wait()
                 meanwhile()
-            if op.kind is OpKind.FSYNC and self._fsync_on_receipt:
-                while self._acked_seq < seq:
-                    self._raise_if_broken()
-                    await self._changed.wait()
-            else:
-                while self._durable_seq < seq:
-                    self._raise_if_broken()
-                    await self._changed.wait()
+            while self._durable_seq < seq:
+                self._raise_if_broken()
+                await self._changed.wait()
         return seq
 
     def _fits(self, size: int) -> bool:
@@ -1087,7 +1072,10 @@ class ReplicaReceiver:
             self._refuse(session, Nack(session.received_seq + 1, errno.EPROTO, str(e)))
             queue.close()  # the NACK follows the ops before it, once they are applied
             return
-        if self.async_mode == "second" and frames and session.nack is None:
+        # A batch ending with a durable op gets no receipt ack: its durable ack, moments
+        # later, covers it (one message each way less per fsync).
+        if (self.async_mode == "second" and frames and session.nack is None
+                and not (isinstance(frames[-1], Op) and frames[-1].durable)):
             session.send([encode(Ack(session.received_seq, False))])
 
     def _receive(self, session: _Session, frame: Frame, queue: _ApplyQueue) -> bool:
@@ -1136,8 +1124,6 @@ class ReplicaReceiver:
             self._counters["frames"] += len(batch)
             self._counters["bytes"] += sum(op.size for op in batch)
             session.received_seq = batch[-1].seq
-            if self.async_mode == "second":
-                session.send([encode(Ack(session.received_seq, False))])  # before the disk
             self._apply_and_ack(session, batch, queue)
             return True
         finally:

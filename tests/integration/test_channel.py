@@ -169,13 +169,10 @@ def fsync(path: str) -> Op:
 
 def test_pipelined_writes_are_applied_in_order_before_the_fsync_returns(
         pki: Path, root: Path) -> None:
-    """async="none": an fsync returns once the secondary applied everything before it and
-    fsynced (with "second", on receipt: see the async-second tests below)."""
     count = 2000
 
     async def scenario() -> None:
-        async with (secondary(pki, root, async_mode="none") as side,
-                    primary(make_sender(pki, side.port)) as sender):
+        async with secondary(pki, root) as side, primary(make_sender(pki, side.port)) as sender:
             await sender.submit(create("f"))
             most_in_flight = 0
             for i in range(count):
@@ -335,8 +332,7 @@ def test_op_escaping_the_directory_is_nacked_and_nothing_after_it_applied(
         pki: Path, root: Path) -> None:
     async def scenario() -> None:
         broken: list[str] = []
-        # async="none", so that the fsync below waits for the applier and sees the refusal.
-        async with secondary(pki, root, async_mode="none") as side:
+        async with secondary(pki, root) as side:
             async with primary(make_sender(pki, side.port, broken=broken)) as sender:
                 await sender.submit(create("f"))
                 await sender.submit(write("f", 0))
@@ -453,7 +449,7 @@ def test_fsync_fails_at_the_ack_timeout_when_the_secondary_disk_hangs(
         pki: Path, root: Path) -> None:
     async def scenario() -> None:
         broken: list[str] = []
-        async with secondary(pki, root, async_mode="none") as side:
+        async with secondary(pki, root) as side:
             async with primary(make_sender(pki, side.port, broken=broken)) as sender:
                 await sender.submit(create("f"))
                 await sender.submit(write("f", 0))
@@ -476,7 +472,7 @@ def test_a_copy_tolerates_a_slow_secondary_until_the_timeout_is_tightened(
     """Pass 1 of a reintegration runs with a long ack timeout (the application does not wait
     on it); tightening it applies at once to what is already outstanding."""
     async def scenario() -> None:
-        async with secondary(pki, root, async_mode="none") as side:
+        async with secondary(pki, root) as side:
             sender = make_sender(pki, side.port)
             sender.set_ack_timeout(30)
             async with primary(sender):
@@ -502,52 +498,6 @@ def test_a_copy_tolerates_a_slow_secondary_until_the_timeout_is_tightened(
                     assert trio.current_time() - start < 0.5
                 assert "no acknowledgement from node2" in failed[0]
                 side.applier.fsync_gate.set()
-
-    run(scenario)
-
-
-def test_with_async_second_an_fsync_returns_on_receipt_and_the_disk_follows(
-        pki: Path, root: Path) -> None:
-    """The issue's contract for async="second": an fsync is acknowledged once the secondary has
-    it in memory, queued in order; it is applied and fsynced there afterwards."""
-    async def scenario() -> None:
-        async with (secondary(pki, root, async_mode="second") as side,
-                    primary(make_sender(pki, side.port)) as sender):
-            await sender.submit(create("f"))
-            await sender.submit(write("f", 0))
-            side.applier.fsync_gate.clear()  # the secondary's disk is slow
-            with trio.fail_after(ACK_TIMEOUT_S / 2):
-                await sender.submit(fsync("f"))
-            assert sender.acked_seq == 3 and sender.durable_seq < 3
-            assert OpKind.FSYNC not in [op.kind for op in side.applier.applied]
-            side.applier.fsync_gate.set()
-            await wait_for(lambda: sender.durable_seq == 3, "the durable ack")
-            assert side.applied_seqs() == [1, 2]  # (FSYNCs are recorded without their seq)
-            assert [op.kind for op in side.applier.applied][-1] is OpKind.FSYNC
-            assert sender.broken is None
-        assert (root / "f").read_bytes() == bytes([0]) * 4 * KIB
-
-    run(scenario)
-
-
-def test_with_async_second_a_hung_disk_is_still_given_up_at_the_ack_timeout(
-        pki: Path, root: Path) -> None:
-    """Acknowledged on receipt, the fsync's durable ack is still awaited: a secondary whose
-    disk hangs breaks the stream at the ack timeout (and the primary goes ALONE)."""
-    async def scenario() -> None:
-        broken: list[str] = []
-        async with secondary(pki, root, async_mode="second") as side:
-            async with primary(make_sender(pki, side.port, broken=broken)) as sender:
-                await sender.submit(create("f"))
-                side.applier.fsync_gate.clear()
-                start = trio.current_time()
-                await sender.submit(fsync("f"))  # on receipt
-                await wait_for(lambda: broken, "the ack timeout", timeout=ACK_TIMEOUT_S + 5)
-                assert trio.current_time() - start < ACK_TIMEOUT_S + 1.5
-                assert "no acknowledgement from node2" in broken[0]
-                with pytest.raises(ReplicaBroken):
-                    await sender.submit(write("f", 1))
-            side.applier.fsync_gate.set()
 
     run(scenario)
 
